@@ -1,0 +1,218 @@
+"""Where instances come from: an Orthanc server or a folder of files.
+
+The driver turns a source into :class:`SeriesTask` objects, one per series, that
+carry only references (Orthanc instance ids, file paths) and the series' new UID.
+Workers fetch the bytes and parse them there: pydicom datasets are never shipped
+between processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from workbench.deidentify.pseudonyms import Pseudonymizer
+from workbench.dicomio import read_instance
+from workbench.errors import ConfigurationError, DicomReadError
+
+__all__ = [
+    "SeriesTask",
+    "fetch_instances",
+    "folder_tasks",
+    "orthanc_tasks",
+    "source_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+
+ORTHANC = "orthanc"
+FOLDER = "folder"
+UNGROUPED_PREFIX = "ungrouped-"
+
+
+@dataclass(frozen=True)
+class SeriesTask:
+    """One series to ingest, as references the workers can fetch.
+
+    Attributes
+    ----------
+    source
+        ``"orthanc"`` or ``"folder"``.
+    key
+        The series' new SeriesInstanceUID, or ``ungrouped-<hash>`` for files of a
+        folder that could not be read or have no SeriesInstanceUID.
+    instance_refs
+        Orthanc instance ids, or file paths.
+    source_ids
+        For each reference, the id written to reports: the Orthanc id, or
+        ``file:`` and a SHA-256 prefix of the file's path relative to the folder
+        (paths can name patients).
+    orthanc_series
+        The Orthanc series ids merged into this task (empty for folders).
+    fingerprint
+        A hash of the references, to tell whether a finished series is current.
+    study_key
+        The new StudyInstanceUID, when known.
+    """
+
+    source: str
+    key: str
+    instance_refs: tuple[str, ...]
+    source_ids: tuple[str, ...]
+    orthanc_series: tuple[str, ...] = ()
+    fingerprint: str = ""
+    study_key: str = ""
+
+    @property
+    def readable(self) -> bool:
+        """False for the folder files that belong to no series; all are quarantined."""
+        return not self.key.startswith(UNGROUPED_PREFIX)
+
+
+def source_fingerprint(refs: Sequence[str], extra: str = "") -> str:
+    """Return a hash of a series' instance references and settings."""
+    digest = hashlib.sha256(extra.encode())
+    for ref in sorted(refs):
+        digest.update(b"\x00" + ref.encode())
+    return digest.hexdigest()
+
+
+def orthanc_tasks(
+    series: Sequence[dict[str, Any]], pseudonymizer: Pseudonymizer, settings_digest: str
+) -> list[SeriesTask]:
+    """Build tasks from Orthanc ``/tools/find`` answers at series level (expanded).
+
+    Orthanc series that share a SeriesInstanceUID (one series filed under two
+    patient IDs) become one task, so one process writes each output series.
+    """
+    merged: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in series:
+        uid = entry.get("MainDicomTags", {}).get("SeriesInstanceUID", "")
+        if not uid:
+            log.warning(
+                "Orthanc series %s has no SeriesInstanceUID; skipped", entry.get("ID")
+            )
+            continue
+        merged[pseudonymizer.uid(uid)].append(entry)
+
+    tasks = []
+    for key, entries in merged.items():
+        refs = tuple(sorted(i for entry in entries for i in entry.get("Instances", [])))
+        tasks.append(
+            SeriesTask(
+                source=ORTHANC,
+                key=key,
+                instance_refs=refs,
+                source_ids=refs,
+                orthanc_series=tuple(entry["ID"] for entry in entries),
+                fingerprint=source_fingerprint(refs, settings_digest),
+            )
+        )
+    return sorted(tasks, key=lambda task: task.key)
+
+
+def folder_tasks(
+    folder: Path, pseudonymizer: Pseudonymizer, settings_digest: str
+) -> list[SeriesTask]:
+    """Group the files under ``folder`` into series by reading their headers.
+
+    Files that cannot be read, or that have no SeriesInstanceUID, form one more
+    task, so the workers quarantine them with the reason.
+    """
+    folder = Path(folder)
+    groups: dict[str, list[str]] = defaultdict(list)
+    ungrouped: list[str] = []
+    for path in sorted(_files(folder)):
+        try:
+            ds = read_instance(path.read_bytes(), stop_before_pixels=True)
+            uid = str(ds.get("SeriesInstanceUID", "") or "")
+        except (DicomReadError, OSError):
+            uid = ""
+        if uid:
+            groups[pseudonymizer.uid(uid)].append(str(path))
+        else:
+            ungrouped.append(str(path))
+
+    tasks = []
+    for key, paths in groups.items():
+        tasks.append(_folder_task(folder, key, paths, settings_digest))
+    if ungrouped:
+        digest = source_fingerprint(
+            [_path_id(folder, p) for p in ungrouped], settings_digest
+        )
+        tasks.append(
+            _folder_task(
+                folder, f"{UNGROUPED_PREFIX}{digest[:16]}", ungrouped, settings_digest
+            )
+        )
+    log.info(
+        "found %d files in %d series groups",
+        sum(len(t.instance_refs) for t in tasks),
+        len(tasks),
+    )
+    return sorted(tasks, key=lambda task: task.key)
+
+
+def fetch_instances(
+    task: SeriesTask,
+    fetch: Callable[[str], bytes],
+    threads: int,
+) -> Iterator[tuple[int, bytes | None, Exception | None]]:
+    """Yield ``(index, bytes, error)`` for each reference of ``task``, in order.
+
+    Up to ``threads`` downloads run at once, and at most twice that many results
+    wait in memory, so a worker's memory stays bounded by the series, not by the
+    download speed.
+    """
+    indices = iter(range(len(task.instance_refs)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque[tuple[int, Future[bytes]]] = deque()
+
+        def submit(count: int) -> None:
+            for index in islice(indices, count):
+                pending.append((index, pool.submit(fetch, task.instance_refs[index])))
+
+        submit(threads * 2)
+        while pending:
+            index, future = pending.popleft()
+            submit(1)
+            try:
+                yield index, future.result(), None
+            except Exception as exc:
+                yield index, None, exc
+
+
+def _folder_task(
+    folder: Path, key: str, paths: list[str], settings_digest: str
+) -> SeriesTask:
+    ids = tuple(_path_id(folder, path) for path in paths)
+    return SeriesTask(
+        source=FOLDER,
+        key=key,
+        instance_refs=tuple(paths),
+        source_ids=ids,
+        fingerprint=source_fingerprint(list(ids), settings_digest),
+    )
+
+
+def _path_id(folder: Path, path: str) -> str:
+    relative = os.path.relpath(path, folder)
+    return "file:" + hashlib.sha256(relative.encode("utf-8")).hexdigest()[:40]
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    if not folder.is_dir():
+        raise ConfigurationError(f"--folder {folder} is not a folder")
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith("."):
+                yield Path(root) / name
