@@ -36,7 +36,7 @@ from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
-from pydicom.charset import decode_bytes
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import get_entry, get_private_entry, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -161,7 +161,7 @@ def instance_row(ds: Dataset) -> tuple[dict[str, Any], dict[str, pa.DataType]]:
     row: dict[str, Any] = {}
     types: dict[str, pa.DataType] = {}
     invalid: dict[str, str] = {}
-    encodings = ds._character_set if hasattr(ds, "_character_set") else ["iso8859"]
+    encodings = convert_encodings(ds.get("SpecificCharacterSet"))
     creators = _private_creators(ds)
 
     meta = getattr(ds, "file_meta", None)
