@@ -57,6 +57,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 POSITION_TOLERANCE_MM = 0.01
+NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 ORIENTATION_DECIMALS = 4
 SPACING_DECIMALS = 4
 
@@ -131,9 +133,11 @@ def decode_instance(ds: Dataset) -> DecodedInstance | None:
 
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            array = ds.pixel_array
+        array = _native_pixels(ds, syntax)
+        if array is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                array = ds.pixel_array
     except Exception as exc:
         raise DicomReadError(
             f"pixel data could not be decoded (transfer syntax {syntax or 'unknown'},"
@@ -273,6 +277,42 @@ def replace_directory(source: Path, target: Path) -> None:
     os.rename(source, target)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _native_pixels(ds: Dataset, syntax: str) -> np.ndarray | None:
+    """Read plain little-endian greyscale pixels with NumPy, or return None.
+
+    Most CT and MR instances are stored this way, and reading them directly is
+    several times cheaper than pydicom's general decoder, which handles every
+    other case.
+    """
+    if syntax not in NATIVE_SYNTAXES or "PixelData" not in ds:
+        return None
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        signed = int(ds.PixelRepresentation) == 1
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if samples != 1 or allocated not in (8, 16, 32) or photometric not in MONOCHROME:
+        return None
+    data = ds.PixelData
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    if len(data) < rows * columns * frames * dtype.itemsize:
+        return None
+    array = np.frombuffer(data, dtype=dtype, count=rows * columns * frames)
+    array = array.reshape(frames, rows, columns)
+    if stored < allocated:
+        shift = allocated - stored
+        if signed:
+            # Move the sign bit of the stored value to the top, then back.
+            array = (array << shift) >> shift
+        else:
+            array = array & np.array((1 << stored) - 1, dtype=dtype)
+    return np.array(array, copy=True) if not array.flags.writeable else array
 
 
 # Geometry

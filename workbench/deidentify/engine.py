@@ -17,7 +17,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
@@ -359,22 +359,25 @@ class Deidentifier:
         return cleaned if many else cleaned[0]
 
     def _method_text(self, element: DataElement, context: InstanceContext) -> list[str]:
-        names = self.recipe.sources
+        return list(self._method_texts)
+
+    @cached_property
+    def _method_texts(self) -> tuple[str, ...]:
         recipe_text = " + ".join(
-            f"{name} {version}".strip() for name, _, version in names
+            f"{name} {version}".strip() for name, _, version in self.recipe.sources
         )
         texts = [f"workbench {__version__}", f"recipe {recipe_text}"]
         texts.extend(meaning for _, meaning in self.method_codes())
         # DeidentificationMethod is LO: at most 64 characters a value.
-        return [text[:64] for text in texts]
+        return tuple(text[:64] for text in texts)
 
     def _method_codes(self, element: DataElement, context: InstanceContext) -> Sequence:
         items = []
         for code, meaning in self.method_codes():
             item = Dataset()
-            item.CodeValue = code
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = meaning[:64]
+            item.add_new(0x00080100, "SH", code)
+            item.add_new(0x00080102, "SH", "DCM")
+            item.add_new(0x00080104, "LO", meaning[:64])
             items.append(item)
         return Sequence(items)
 

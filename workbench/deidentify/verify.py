@@ -84,6 +84,7 @@ PATIENT_KEYWORDS = frozenset(
 )
 
 _ASCII_WORD = re.compile(r"^[A-Za-z0-9]")
+_UID_TOKEN = re.compile(r"(?<![\d.])\d+(?:\.\d+)+(?![\d.])")
 
 
 class RecipeView(Protocol):
@@ -114,41 +115,53 @@ class SourceIdentifiers:
     texts: set[str] = field(default_factory=set)
     dates: set[str] = field(default_factory=set)
     uids: set[str] = field(default_factory=set)
-    _pattern: re.Pattern[str] | None = field(default=None, repr=False)
-    _kinds: dict[str, str] = field(default_factory=dict, repr=False)
 
     def pattern(self) -> re.Pattern[str] | None:
-        """Return one regular expression that finds any identifier in text."""
-        if self._pattern is not None:
-            return self._pattern
-        alternatives = []
-        for kind, values in (
-            ("person name", self.names),
-            ("identifier", self.texts),
-            ("date", self.dates),
-            ("UID", self.uids),
-        ):
-            for value in values:
-                self._kinds.setdefault(value.upper(), kind)
-        # Longest first, so a whole identifier wins over a shorter part of it.
-        for value in sorted(self._kinds, key=len, reverse=True):
-            kind = self._kinds[value]
-            alternatives.append(_word_pattern(value, digits=kind in ("date", "UID")))
-        if alternatives:
-            self._pattern = re.compile("|".join(alternatives), re.IGNORECASE)
-        return self._pattern
+        """Return one regular expression that finds any name, text or date in text.
+
+        UIDs are looked up separately (see :meth:`find_in_text`): they differ in
+        every instance, while names, texts and dates repeat across a patient's
+        instances, so their compiled pattern is cached and shared.
+        """
+        return _compiled_pattern(
+            frozenset(self.names), frozenset(self.texts), frozenset(self.dates)
+        )
 
     def kind_of(self, matched: str) -> str:
         """Return the kind of identifier a match of :meth:`pattern` belongs to."""
-        return self._kinds.get(matched.upper(), "identifier")
+        value = matched.upper()
+        if value in self.names:
+            return "person name"
+        if value in self.dates:
+            return "date"
+        return "identifier"
 
     def find_in_text(self, text: str) -> str | None:
         """Return the kind of the first identifier found in ``text``, or None."""
+        if not text:
+            return None
+        if self.uids:
+            for candidate in _UID_TOKEN.findall(text):
+                if candidate in self.uids:
+                    return "UID"
         pattern = self.pattern()
-        if pattern is None or not text:
+        if pattern is None:
             return None
         match = pattern.search(text)
         return self.kind_of(match.group(0)) if match else None
+
+
+@lru_cache(maxsize=256)
+def _compiled_pattern(
+    names: frozenset[str], texts: frozenset[str], dates: frozenset[str]
+) -> re.Pattern[str] | None:
+    alternatives = [_word_pattern(value, digits=True) for value in dates]
+    # Longest first, so a whole identifier wins over a shorter part of it.
+    for value in sorted(names | texts, key=len, reverse=True):
+        alternatives.append(_word_pattern(value, digits=False))
+    if not alternatives:
+        return None
+    return re.compile("|".join(alternatives), re.IGNORECASE)
 
 
 @dataclass
@@ -467,9 +480,10 @@ def _binary_as_text(value: Any) -> str:
 
 
 def _occurs(value: str, text: str) -> bool:
-    return (
-        bool(text) and re.search(_word_pattern(value, digits=False), text) is not None
-    )
+    # The substring test rules most values out without compiling a pattern.
+    if not text or value not in text:
+        return False
+    return re.search(_word_pattern(value, digits=False), text) is not None
 
 
 def _word_pattern(value: str, *, digits: bool) -> str:

@@ -480,6 +480,13 @@ def _record_result(
 
     summary.written += result.written
     summary.quarantined += len(result.quarantined)
+    log.debug(
+        "series %s: %d written, %d quarantined in %.2f s on the worker",
+        task.key,
+        result.written,
+        len(result.quarantined),
+        result.seconds,
+    )
     events = [
         AuditEvent(
             action="series.fetch",

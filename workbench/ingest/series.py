@@ -292,8 +292,6 @@ def _merge(target: SourceIdentifiers, source: SourceIdentifiers) -> None:
     target.texts |= source.texts
     target.dates |= source.dates
     target.uids |= source.uids
-    target._pattern = None
-    target._kinds = {}
 
 
 def _worker_state(settings: WorkerSettings, source: str) -> tuple[Deidentifier, Any]:
