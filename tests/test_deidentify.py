@@ -149,7 +149,7 @@ def test_shift_is_per_patient():
     pseudonyms = Pseudonymizer(KEY)
     shifts = {pseudonyms.date_shift_days(f"id:|P{i}") for i in range(50)}
     assert len(shifts) > 40
-    assert all(-3650 <= shift <= -366 for shift in shifts)
+    assert all(-365 <= shift <= -31 for shift in shifts)
 
 
 def test_research_attributes_kept(deidentifier):
@@ -255,10 +255,19 @@ def test_age_derived_from_birth_date():
 
 def test_patient_key_ignores_trailing_carets():
     assert normalise_person_name("DOE^JANE^") == normalise_person_name("doe^jane")
-    assert patient_key("", "", "DOE^JANE^^", "19700215") == patient_key(
-        "", "", "DOE^JANE", "19700215"
+    assert patient_key("", "DOE^JANE^^", "19700215") == patient_key(
+        "", "DOE^JANE", "19700215"
     )
-    assert patient_key("MRN-1", "A") != patient_key("MRN-1", "B")
+    assert patient_key(" MRN-1 ") == patient_key("MRN-1")
+    assert patient_key("MRN-1") != patient_key("MRN-2")
+
+
+def test_issuer_does_not_split_a_patient(deidentifier):
+    first = make_instance(IssuerOfPatientID="HOSPITAL A")
+    second = make_instance(IssuerOfPatientID="Hospital A MPI")
+    deidentify_instance(first, deidentifier)
+    deidentify_instance(second, deidentifier)
+    assert first.PatientID == second.PatientID
 
 
 def test_burned_in_reasons():

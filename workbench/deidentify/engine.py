@@ -68,6 +68,8 @@ BURNED_IN_MODALITIES = frozenset({"US", "SC", "OT", "XC"})
 MAX_AGE_YEARS = 89
 CAPPED_AGE = "090Y"
 REMOVED_TEXT = "[removed]"
+# Maximum value length in characters by VR (PS3.5 table 6.2-1).
+MAX_TEXT_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240}
 _DATE_LIKE = re.compile(
     r"(?<!\d)(\d{4}[-/.]?\d{2}[-/.]?\d{2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4})(?!\d)"
 )
@@ -148,7 +150,6 @@ class Deidentifier:
         """Return the per-instance context of the source ``ds``."""
         key = patient_key(
             str(ds.get("PatientID", "") or ""),
-            str(ds.get("IssuerOfPatientID", "") or ""),
             str(ds.get("PatientName", "") or ""),
             str(ds.get("PatientBirthDate", "") or ""),
         )
@@ -352,8 +353,10 @@ class Deidentifier:
         if not values:
             return values
         many = isinstance(values, (MultiValue, list))
+        # The replacement marker can make a value longer than its VR allows.
+        limit = MAX_TEXT_LENGTH.get(element.VR)
         cleaned = [
-            clean_text(str(value), context.identifiers)
+            clean_text(str(value), context.identifiers)[:limit]
             for value in (values if many else [values])
         ]
         return cleaned if many else cleaned[0]

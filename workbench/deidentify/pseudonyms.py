@@ -10,8 +10,10 @@ every run and every batch, and nobody without the key can reverse or recompute i
   transfer syntaxes, coding schemes) name kinds of object, not patients, and pass
   unchanged.
 - A patient maps to one pseudonym, used as both PatientID and PatientName, and to one
-  date shift, a whole number of days between -3650 and -366, so intervals between a
-  patient's dates survive.
+  date shift, a whole number of days between -365 and -31, so intervals between a
+  patient's dates survive. Keeping the shift within a year keeps seasons and ages
+  close to true and makes it rare for a shifted date to land on another date of
+  the same patient, which verification would reject.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ __all__ = ["DICOM_ROOT_UID", "Pseudonymizer", "patient_key"]
 
 DICOM_ROOT_UID = "1.2.840.10008."
 PSEUDONYM_PREFIX = "WB"
-MIN_SHIFT_DAYS = 366
-SHIFT_SPAN_DAYS = 3650 - MIN_SHIFT_DAYS
+MIN_SHIFT_DAYS = 31
+MAX_SHIFT_DAYS = 365
+SHIFT_SPAN_DAYS = MAX_SHIFT_DAYS - MIN_SHIFT_DAYS + 1
 
 
 class Pseudonymizer:
@@ -73,21 +76,18 @@ class Pseudonymizer:
         return -(MIN_SHIFT_DAYS + int.from_bytes(digest[:8], "big") % SHIFT_SPAN_DAYS)
 
 
-def patient_key(
-    patient_id: str,
-    issuer: str = "",
-    patient_name: str = "",
-    birth_date: str = "",
-) -> str:
+def patient_key(patient_id: str, patient_name: str = "", birth_date: str = "") -> str:
     """Return the text that identifies one patient, for keyed pseudonyms.
 
-    The patient ID, qualified by its issuer, identifies the patient. Without an ID,
-    the normalised name and birth date do: upper case, trailing component and group
+    The PatientID identifies the patient. IssuerOfPatientID is not part of the key:
+    archives fill it inconsistently between studies of one patient, which would
+    split the patient in two. Without an ID, the normalised name and the birth
+    date identify the patient: upper case, trailing component and group
     separators removed, so ``DOE^JANE`` and ``DOE^JANE^`` are one patient.
     """
     patient_id = patient_id.strip()
     if patient_id:
-        return f"id:{issuer.strip()}|{patient_id}"
+        return f"id:{patient_id}"
     return f"name:{normalise_person_name(patient_name)}|{birth_date.strip()}"
 
 

@@ -32,7 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="dataset definition (TOML) giving source, output and options",
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--orthanc", metavar="URL", help="Orthanc server base URL")
+    source.add_argument(
+        "--orthanc",
+        metavar="URL",
+        help="Orthanc server base URL, or 'local' for the one `workbench orthanc"
+        " start` runs",
+    )
     source.add_argument(
         "--folder", type=Path, metavar="DIR", help="read DICOM files from a folder"
     )

@@ -4,7 +4,7 @@ An ingest is described by an :class:`IngestConfig`, built from command-line opti
 or from a dataset definition in TOML (``workbench ingest datasets/chest-ct.toml``)::
 
     [source]
-    orthanc = "http://127.0.0.1:8042"        # or: folder = "path/to/dicom"
+    orthanc = "http://127.0.0.1:8042"        # or "local", or: folder = "path"
     query = { Modality = "CT", StudyDate = "20190101-20191231" }
 
     [output]
@@ -64,7 +64,8 @@ class IngestConfig:
     out
         The dataset folder to write.
     orthanc
-        Base URL of the Orthanc server to read; exactly one of ``orthanc`` and
+        Base URL of the Orthanc server to read, or ``local`` for the Orthanc that
+        ``workbench orthanc start`` runs; exactly one of ``orthanc`` and
         ``folder`` is set.
     folder
         A folder of DICOM files to read instead of an Orthanc server.

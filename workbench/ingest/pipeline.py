@@ -51,6 +51,7 @@ __all__ = ["IngestSummary", "run_ingest"]
 log = logging.getLogger(__name__)
 
 TASKS_PER_THREAD = 2
+LOCAL_ORTHANC = "local"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -290,7 +291,9 @@ def _orthanc_source(
     from workbench.orthanc.client import OrthancClient
 
     assert config.orthanc is not None
-    client = OrthancClient.from_environment(config.orthanc, insecure=config.insecure)
+    url = None if config.orthanc == LOCAL_ORTHANC else config.orthanc
+    client = OrthancClient.from_environment(url, insecure=config.insecure)
+    public_url = _public_url(client.url)
     with client:
         check = client.check_server()
         system = client.system()
@@ -301,7 +304,7 @@ def _orthanc_source(
             audit.append(
                 AuditEvent(
                     action="orthanc.query",
-                    resource=f"orthanc:{_public_url(config.orthanc)}",
+                    resource=f"orthanc:{public_url}",
                     purpose=purpose,
                     outcome="error",
                     details={"level": "Series", "query": query},
@@ -311,7 +314,7 @@ def _orthanc_source(
         audit.append(
             AuditEvent(
                 action="orthanc.query",
-                resource=f"orthanc:{_public_url(config.orthanc)}",
+                resource=f"orthanc:{public_url}",
                 purpose=purpose,
                 details={"level": "Series", "query": query, "matches": len(series)},
             )
@@ -320,13 +323,13 @@ def _orthanc_source(
     tasks = orthanc_tasks(series, pseudonymizer, "")
     log.info(
         "Orthanc %s matched %d series with %d instances",
-        _public_url(config.orthanc),
+        public_url,
         len(tasks),
         sum(len(task.instance_refs) for task in tasks),
     )
     record = {
         "kind": ORTHANC,
-        "url": _public_url(config.orthanc),
+        "url": public_url,
         "orthanc_version": system.get("Version", ""),
         "orthanc_name": system.get("Name", ""),
         "accepts_unauthenticated": bool(
