@@ -54,6 +54,9 @@ REPLACE PatientID func:patient_pseudonym
 REPLACE PatientName func:patient_pseudonym
 REPLACE PatientAge func:cap_age
 
+# The issuer's qualifiers name the hospital that assigned the patient's ID.
+REMOVE IssuerOfPatientIDQualifiersSequence
+
 # Sequences the profile allows to keep with their UIDs replaced (action U*):
 # kept, so references between instances still resolve.
 KEEP ReferencedImageSequence

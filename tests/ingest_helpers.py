@@ -123,3 +123,21 @@ def find_planted(places: dict[str, str], planted: set[str]) -> list[tuple[str, s
             if needle in text:
                 found.append((place, value))
     return found
+
+
+def ingest_folder(folder: Path, out: Path, **options: Any) -> Any:
+    """Ingest a folder of DICOM files with the real pipeline; return the summary."""
+    from workbench.ingest import IngestConfig, run_ingest
+
+    config = IngestConfig(
+        out=out, folder=folder, purpose="field case test", progress=False, **options
+    )
+    return run_ingest(config)
+
+
+def quarantine_entries(out: Path) -> list[dict[str, str]]:
+    """Return the rows of a dataset's quarantine report."""
+    import csv
+
+    with (out / "quarantine.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))

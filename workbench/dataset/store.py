@@ -59,6 +59,7 @@ QUARANTINE_REPORT = "quarantine.csv"
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"
 FINGERPRINT_KEY = b"workbench.source_fingerprint"
+SOURCE_IDS_KEY = b"workbench.source_ids"
 QUARANTINE_FIELDS = ("series", "source", "source_id", "stage", "reason_code", "reason")
 
 
@@ -70,6 +71,7 @@ class SeriesRecord:
     fingerprint: str
     rows: int
     quarantined: int
+    source_ids: frozenset[str]
 
 
 class DatasetFolder:
@@ -155,6 +157,7 @@ class DatasetFolder:
             fingerprint=extra.get(FINGERPRINT_KEY, b"").decode(),
             rows=metadata.num_rows,
             quarantined=int(extra.get(b"workbench.quarantined", b"0")),
+            source_ids=frozenset(json.loads(extra.get(SOURCE_IDS_KEY, b"[]"))),
         )
 
     def write_series(
@@ -165,12 +168,19 @@ class DatasetFolder:
         *,
         fingerprint: str,
         quarantined: list[dict[str, str]],
+        source_ids: list[str],
     ) -> None:
-        """Write a series' quarantine list, then its Parquet part, each atomically."""
+        """Write a series' quarantine list, then its Parquet part, each atomically.
+
+        The part's metadata records the source fingerprint and the source ids of
+        every instance (Orthanc ids or hashed file ids), so a later run can tell
+        whether it would drop an instance by rewriting the series.
+        """
         self.write_quarantine(series_uid, quarantined, fingerprint=fingerprint)
         schema = schema_for_columns(types).with_metadata(
             {
                 FINGERPRINT_KEY: fingerprint.encode(),
+                SOURCE_IDS_KEY: json.dumps(sorted(source_ids)).encode(),
                 b"workbench.quarantined": str(len(quarantined)).encode(),
             }
         )

@@ -172,8 +172,7 @@ def run_ingest(
             else:
                 assert config.folder is not None
                 source_record = {"kind": "folder"}
-                settings_digest = ""
-                tasks = folder_tasks(config.folder, pseudonymizer, settings_digest)
+                tasks = folder_tasks(config.folder, pseudonymizer)
             settings = WorkerSettings(
                 key=key,
                 recipe_texts=recipe_texts,
@@ -185,9 +184,17 @@ def run_ingest(
             tasks = [_with_settings(task, settings.digest) for task in tasks]
             summary.series_total = len(tasks)
 
-            # 2. Skip series already written from the same source and settings.
-            todo = [task for task in tasks if not _is_done(folder, task)]
-            summary.series_skipped = len(tasks) - len(todo)
+            # 2. Skip series already written from the same source and settings;
+            #    refuse to rewrite a series that would lose instances.
+            todo = []
+            for task in tasks:
+                state = _series_state(folder, task)
+                if state == "done":
+                    summary.series_skipped += 1
+                elif state == "conflict":
+                    _refuse_conflict(audit, purpose, task, summary)
+                else:
+                    todo.append(task)
             if summary.series_skipped:
                 log.info("%d series already done; skipped", summary.series_skipped)
 
@@ -320,7 +327,7 @@ def _orthanc_source(
             )
         )
         connection = client.connection_args()
-    tasks = orthanc_tasks(series, pseudonymizer, "")
+    tasks = orthanc_tasks(series, pseudonymizer)
     log.info(
         "Orthanc %s matched %d series with %d instances",
         public_url,
@@ -348,12 +355,42 @@ def _with_settings(task: SeriesTask, settings_digest: str) -> SeriesTask:
     )
 
 
-def _is_done(folder: DatasetFolder, task: SeriesTask) -> bool:
-    if task.readable:
-        record = folder.series_record(task.key)
-        return record is not None and record.fingerprint == task.fingerprint
-    recorded = folder.read_quarantine(task.key)
-    return recorded is not None and recorded[0] == task.fingerprint
+def _series_state(folder: DatasetFolder, task: SeriesTask) -> str:
+    """Return ``done``, ``conflict`` (rewriting would drop instances) or ``todo``."""
+    if not task.readable:
+        recorded = folder.read_quarantine(task.key)
+        done = recorded is not None and recorded[0] == task.fingerprint
+        return "done" if done else "todo"
+    record = folder.series_record(task.key)
+    if record is None:
+        return "todo"
+    if record.fingerprint == task.fingerprint:
+        return "done"
+    if not record.source_ids <= set(task.source_ids):
+        return "conflict"
+    return "todo"
+
+
+def _refuse_conflict(
+    audit: AuditLog, purpose: str, task: SeriesTask, summary: IngestSummary
+) -> None:
+    message = (
+        "the dataset already holds instances of this series that this source does"
+        " not list, and rewriting the series would drop them; ingest into a new"
+        " --out folder, or give a source that holds the whole series"
+    )
+    summary.failed_series += 1
+    summary.failures.append(f"{task.key}: {message}")
+    log.error("series %s not rewritten: %s", task.key, message)
+    audit.append(
+        AuditEvent(
+            action="series.fetch",
+            resource=f"series:{task.key}",
+            purpose=purpose,
+            outcome="denied",
+            details={"reason": "would drop instances already in the dataset"},
+        )
+    )
 
 
 # Dask

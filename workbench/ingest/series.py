@@ -21,7 +21,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from workbench.dataset.schema import VOLUME_INDEX, VOLUME_PATH, instance_row
+from workbench.dataset.schema import (
+    INVALID_VALUES,
+    VOLUME_INDEX,
+    VOLUME_PATH,
+    instance_row,
+)
 from workbench.dataset.store import DatasetFolder
 from workbench.dataset.volumes import (
     DecodedInstance,
@@ -191,6 +196,7 @@ def process_series(task: SeriesTask, settings: WorkerSettings) -> SeriesResult:
             types,
             fingerprint=task.fingerprint,
             quarantined=result.quarantined,
+            source_ids=list(task.source_ids),
         )
     result.written = len(rows)
     if result.written + len(result.quarantined) != len(task.instance_refs):
@@ -242,11 +248,12 @@ def _handle_instance(
     except DicomReadError as exc:
         return quarantine("read", exc.reason, str(exc))
     if not task.readable:
-        # The driver found no SeriesInstanceUID when it grouped the files.
+        # The driver could not read this file's header, nor find its SOP Instance
+        # UID; it belongs to no series.
         return quarantine(
             "group",
-            "missing-series-uid",
-            "instance has no SeriesInstanceUID, so it belongs to no series",
+            "unreadable",
+            "the instance has no SeriesInstanceUID or SOPInstanceUID",
         )
     if options.quarantine_burned_in:
         reason = burned_in_reason(ds)
@@ -262,7 +269,9 @@ def _handle_instance(
             "de-identification failed for %s: %s", source_id, type(exc).__name__
         )
         return quarantine("deidentify", "deidentify-failed", type(exc).__name__)
-    if task.readable and str(ds.get("SeriesInstanceUID", "")) != task.key:
+    if task.assign_series_uid and not ds.get("SeriesInstanceUID"):
+        ds.SeriesInstanceUID = task.key
+    if str(ds.get("SeriesInstanceUID", "")) != task.key:
         return quarantine(
             "group", "series-mismatch", "instance belongs to another series"
         )
@@ -271,6 +280,10 @@ def _handle_instance(
     except DicomReadError as exc:
         return quarantine("decode", exc.reason, str(exc))
     row, types = instance_row(ds)
+    if task.assign_series_uid:
+        # Flag the stand-in: the source had no SeriesInstanceUID at all.
+        flagged = [*(row[INVALID_VALUES] or []), ("SeriesInstanceUID", "")]
+        row[INVALID_VALUES] = flagged
     leaks = find_leaks_in_values(row, identifiers, deidentifier.added_keywords)
     if leaks:
         places = ", ".join(f"{kind} in column {column}" for kind, column in leaks[:5])

@@ -14,7 +14,7 @@ import os
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ class SeriesTask:
         ``"orthanc"`` or ``"folder"``.
     key
         The series' new SeriesInstanceUID, or ``ungrouped-<hash>`` for files of a
-        folder that could not be read or have no SeriesInstanceUID.
+        folder that could not be read.
     instance_refs
         Orthanc instance ids, or file paths.
     source_ids
@@ -57,10 +57,12 @@ class SeriesTask:
         (paths can name patients).
     orthanc_series
         The Orthanc series ids merged into this task (empty for folders).
+    assign_series_uid
+        The instance has no SeriesInstanceUID (a Type 1 attribute); the worker
+        gives it ``key`` as one, so the instance is kept, alone in its series.
     fingerprint
-        A hash of the references, to tell whether a finished series is current.
-    study_key
-        The new StudyInstanceUID, when known.
+        A hash of the references and of the settings that shape the output, to
+        tell whether a finished series is current; set by the driver.
     """
 
     source: str
@@ -68,12 +70,12 @@ class SeriesTask:
     instance_refs: tuple[str, ...]
     source_ids: tuple[str, ...]
     orthanc_series: tuple[str, ...] = ()
+    assign_series_uid: bool = False
     fingerprint: str = ""
-    study_key: str = ""
 
     @property
     def readable(self) -> bool:
-        """False for the folder files that belong to no series; all are quarantined."""
+        """False for the folder files that could not be read; all are quarantined."""
         return not self.key.startswith(UNGROUPED_PREFIX)
 
 
@@ -86,7 +88,7 @@ def source_fingerprint(refs: Sequence[str], extra: str = "") -> str:
 
 
 def orthanc_tasks(
-    series: Sequence[dict[str, Any]], pseudonymizer: Pseudonymizer, settings_digest: str
+    series: Sequence[dict[str, Any]], pseudonymizer: Pseudonymizer
 ) -> list[SeriesTask]:
     """Build tasks from Orthanc ``/tools/find`` answers at series level (expanded).
 
@@ -113,50 +115,52 @@ def orthanc_tasks(
                 instance_refs=refs,
                 source_ids=refs,
                 orthanc_series=tuple(entry["ID"] for entry in entries),
-                fingerprint=source_fingerprint(refs, settings_digest),
             )
         )
     return sorted(tasks, key=lambda task: task.key)
 
 
-def folder_tasks(
-    folder: Path, pseudonymizer: Pseudonymizer, settings_digest: str
-) -> list[SeriesTask]:
+def folder_tasks(folder: Path, pseudonymizer: Pseudonymizer) -> list[SeriesTask]:
     """Group the files under ``folder`` into series by reading their headers.
 
-    Files that cannot be read, or that have no SeriesInstanceUID, form one more
-    task, so the workers quarantine them with the reason.
+    An instance without a SeriesInstanceUID becomes a series of its own. Files
+    that cannot be read form one more task, so the workers quarantine them with
+    the reason.
     """
     folder = Path(folder)
     groups: dict[str, list[str]] = defaultdict(list)
-    ungrouped: list[str] = []
+    lone: dict[str, str] = {}
+    unreadable: list[str] = []
     for path in sorted(_files(folder)):
         try:
             ds = read_instance(path.read_bytes(), stop_before_pixels=True)
-            uid = str(ds.get("SeriesInstanceUID", "") or "")
         except (DicomReadError, OSError):
-            uid = ""
-        if uid:
-            groups[pseudonymizer.uid(uid)].append(str(path))
+            unreadable.append(str(path))
+            continue
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        instance_uid = str(ds.get("SOPInstanceUID", "") or "")
+        if series_uid:
+            groups[pseudonymizer.uid(series_uid)].append(str(path))
+        elif instance_uid:
+            lone[pseudonymizer.uid(f"series of {instance_uid}")] = str(path)
         else:
-            ungrouped.append(str(path))
+            unreadable.append(str(path))
 
-    tasks = []
-    for key, paths in groups.items():
-        tasks.append(_folder_task(folder, key, paths, settings_digest))
-    if ungrouped:
-        digest = source_fingerprint(
-            [_path_id(folder, p) for p in ungrouped], settings_digest
-        )
-        tasks.append(
-            _folder_task(
-                folder, f"{UNGROUPED_PREFIX}{digest[:16]}", ungrouped, settings_digest
-            )
-        )
+    tasks = [_folder_task(folder, key, paths) for key, paths in groups.items()]
+    tasks.extend(
+        replace(_folder_task(folder, key, [path]), assign_series_uid=True)
+        for key, path in lone.items()
+    )
+    if unreadable:
+        digest = source_fingerprint([_path_id(folder, p) for p in unreadable])
+        key = f"{UNGROUPED_PREFIX}{digest[:16]}"
+        tasks.append(_folder_task(folder, key, unreadable))
     log.info(
-        "found %d files in %d series groups",
+        "found %d files in %d series (%d without a SeriesInstanceUID, %d unreadable)",
         sum(len(t.instance_refs) for t in tasks),
         len(tasks),
+        len(lone),
+        len(unreadable),
     )
     return sorted(tasks, key=lambda task: task.key)
 
@@ -190,16 +194,10 @@ def fetch_instances(
                 yield index, None, exc
 
 
-def _folder_task(
-    folder: Path, key: str, paths: list[str], settings_digest: str
-) -> SeriesTask:
+def _folder_task(folder: Path, key: str, paths: list[str]) -> SeriesTask:
     ids = tuple(_path_id(folder, path) for path in paths)
     return SeriesTask(
-        source=FOLDER,
-        key=key,
-        instance_refs=tuple(paths),
-        source_ids=ids,
-        fingerprint=source_fingerprint(list(ids), settings_digest),
+        source=FOLDER, key=key, instance_refs=tuple(paths), source_ids=ids
     )
 
 
