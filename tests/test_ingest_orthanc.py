@@ -339,3 +339,27 @@ def test_dataset_definition_file(ingested, tmp_path):
     ct_files = sum(len(s.files) for s in ingested.corpus.series if s.modality == "CT")
     assert summary.written == ct_files
     assert Path(tmp_path / "ct" / "manifest.json").exists()
+
+
+def test_no_planted_value_with_clean_descriptors(ingested, tmp_path):
+    out = tmp_path / "clean-descriptors"
+    with orthanc_credentials(ingested.server), captured_logs() as logs:
+        summary = run_ingest(
+            IngestConfig(
+                out=out,
+                orthanc=ingested.server.url,
+                purpose="clean descriptors test",
+                clean_descriptors=True,
+                progress=False,
+            )
+        )
+    assert summary.written == len(ingested.corpus.files)
+    places = written_texts(out)
+    places["logs"] = logs.getvalue()
+    assert find_planted(places, ingested.corpus.identifying_values()) == []
+    table = instances_table(out).to_pandas()
+    # Descriptions survive, cleaned, and the option is recorded.
+    assert table["SeriesDescription"].notna().all()
+    assert table["SeriesDescription"].str.contains("[removed]", regex=False).any()
+    codes = json.loads(table["DeidentificationMethodCodeSequence"].iloc[0])
+    assert "113105" in [item["00080100"]["Value"][0] for item in codes]
