@@ -49,6 +49,10 @@ __all__ = [
 
 TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UR", "UT"})
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+# Binary numbers: never text, so never searched.
+SKIPPED_VRS = frozenset(
+    {"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT", "OF", "OD"}
+)
 # Binary values shorter than this are searched as text (private strings stored as
 # UN); longer ones are bulk data such as pixels or waveforms.
 MAX_BINARY_TEXT = 1024
@@ -418,14 +422,23 @@ def _plain_texts(value: Any) -> Iterator[str]:
 def _walk(
     ds: Dataset, prefix: str = "", skip_tags: frozenset[int] = frozenset()
 ) -> Iterator[tuple[DataElement, str]]:
-    """Yield every element of ``ds`` and its file meta, with a readable path."""
+    """Yield every element of ``ds`` and its file meta that can hold text.
+
+    Numbers and bulk data cannot hold a name, date or UID: they are skipped by
+    their VR, without converting their values. Paths read like
+    ``RequestAttributesSequence[0].AccessionNumber``.
+    """
     meta = getattr(ds, "file_meta", None)
     if meta is not None and not prefix:
         for element in meta:
             yield element, f"file_meta.{element.keyword or element.tag}"
-    for element in ds:
-        if not prefix and element.tag in skip_tags:
+    for tag in list(ds.keys()):
+        if not prefix and tag in skip_tags:
             continue
+        vr = ds.get_item(tag).VR or _dictionary_vr(tag)
+        if vr in SKIPPED_VRS or tag in BULK_TAGS:
+            continue
+        element = ds[tag]
         name = element.keyword or str(element.tag)
         path = f"{prefix}{name}"
         if element.VR == "SQ":
