@@ -82,6 +82,38 @@ def read_instance(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
             reason="not-dicom",
         )
 
+    try:
+        ds = _parse(
+            data, has_preamble=has_preamble, stop_before_pixels=stop_before_pixels
+        )
+    except DicomReadError as exc:
+        if has_preamble:
+            raise
+        # Without the 'DICM' marker, bytes that do not even parse are not taken
+        # for a broken DICOM file: an ICC profile or a zip looks like that.
+        raise DicomReadError(
+            f"bytes without a DICOM preamble do not parse as a dataset ({exc.reason})",
+            reason="not-dicom",
+        ) from exc
+
+    if not has_preamble:
+        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+            raise DicomReadError(
+                "bytes without a DICOM preamble lack SOP Class UID and SOP Instance"
+                " UID, so they are not taken for a DICOM instance",
+                reason="not-dicom",
+            )
+        fix_file_meta(ds)
+    elif not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+        fix_file_meta(ds)
+
+    if not stop_before_pixels:
+        _check_pixel_data_length(ds)
+    return ds
+
+
+def _parse(data: bytes, *, has_preamble: bool, stop_before_pixels: bool) -> Dataset:
+    """Parse every element of ``data``, raising ``truncated`` or ``unreadable``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -106,20 +138,6 @@ def read_instance(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
             ) from exc
     if any(_is_truncation_warning(w.message) for w in caught):
         raise DicomReadError("DICOM data ends early", reason="truncated")
-
-    if not has_preamble:
-        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
-            raise DicomReadError(
-                "bytes without a DICOM preamble lack SOP Class UID and SOP Instance"
-                " UID, so they are not taken for a DICOM instance",
-                reason="not-dicom",
-            )
-        fix_file_meta(ds)
-    elif not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
-        fix_file_meta(ds)
-
-    if not stop_before_pixels:
-        _check_pixel_data_length(ds)
     return ds
 
 
@@ -157,7 +175,11 @@ def to_upload_bytes(path: Path) -> bytes:
     if complete and len(ds.file_meta) > 1:
         return data
     buffer = DicomBytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    with warnings.catch_warnings():
+        # pydicom warns about values that break their VR; they are uploaded as
+        # they are, and the ingest flags them.
+        warnings.simplefilter("ignore")
+        ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
