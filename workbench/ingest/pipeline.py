@@ -17,6 +17,7 @@ import datetime as dt
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -443,10 +444,16 @@ def _run_tasks(
     [settings_future] = client.scatter([settings], broadcast=True, hash=False)
     pending = iter(tasks)
     by_key: dict[str, SeriesTask] = {}
+    # Task keys are unique per run: runs may share one scheduler.
+    run_token = uuid.uuid4().hex[:8]
 
     def submit(task: SeriesTask) -> Any:
         future = client.submit(
-            process_series, task, settings_future, key=f"series-{task.key}", pure=False
+            process_series,
+            task,
+            settings_future,
+            key=f"series-{task.key}-{run_token}",
+            pure=False,
         )
         by_key[future.key] = task
         return future
