@@ -36,6 +36,7 @@ from workbench.errors import AuditChainError, AuditError, ConfigurationError
 
 __all__ = [
     "AUDIT_FILENAME",
+    "AUDIT_RELAY_FD_ENV",
     "AUDIT_URL_ENV",
     "AuditLog",
     "current_user",
@@ -45,6 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AUDIT_URL_ENV = "WORKBENCH_AUDIT_URL"
+# Set by the isolated job runner: the pipe through which a job sends its events.
+AUDIT_RELAY_FD_ENV = "WORKBENCH_AUDIT_RELAY_FD"
 AUDIT_FILENAME = "audit.sqlite"
 
 
@@ -351,7 +354,10 @@ def open_audit_log(url: str | os.PathLike[str] | None = None) -> AuditLog:
         ``postgresql://user:password@host:port/database`` (or ``postgres://``), or a
         plain file path for SQLite. ``None`` means ``WORKBENCH_AUDIT_URL`` if set,
         else the file ``audit.sqlite`` in the workbench home
-        (:func:`workbench.home.find_home`).
+        (:func:`workbench.home.find_home`). Inside an isolated job, where
+        ``WORKBENCH_AUDIT_RELAY_FD`` is set, ``None`` means a relay that sends
+        appends to the process that started the job
+        (:mod:`workbench.isolation.relay`).
 
     Raises
     ------
@@ -361,6 +367,10 @@ def open_audit_log(url: str | os.PathLike[str] | None = None) -> AuditLog:
     AuditError
         When the store cannot be opened or its schema cannot be created.
     """
+    if url is None and os.environ.get(AUDIT_RELAY_FD_ENV):
+        from workbench.isolation.relay import RelayAuditLog
+
+        return RelayAuditLog.from_environment()
     if url is None:
         url = os.environ.get(AUDIT_URL_ENV) or None
     if url is None:
