@@ -1,6 +1,6 @@
 # The project's entry points. `make demo` and `make test` run the set-up first;
 # it installs nothing when everything is already in place.
-.PHONY: setup demo test lint format
+.PHONY: setup demo test lab lint format
 
 setup:
 	@scripts/setup.sh
@@ -10,6 +10,9 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+lab: setup
+	@scripts/lab.sh
 
 lint:
 	.venv/bin/ruff check .

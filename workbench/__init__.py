@@ -8,7 +8,22 @@ hash-chained audit log.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 __version__ = "0.1.0"
 
+__all__ = ["__version__", "audit_log", "ingest", "open_dataset", "verify_audit"]
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# The notebook API, imported on first use so that the command line starts without
+# pandas, xarray and the ingest job.
+_NOTEBOOK_API = frozenset({"open_dataset", "ingest", "audit_log", "verify_audit"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NOTEBOOK_API:
+        from workbench import notebook
+
+        return getattr(notebook, name)
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

@@ -413,7 +413,9 @@ def _dask_client(config: IngestConfig) -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            # The scheduler serves HTTP (health, dashboard) even when asked for no
+            # dashboard; a free loopback port avoids clashes between clusters.
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster) as client,
@@ -480,7 +482,8 @@ def _run_tasks(
 
 
 def _progress_bar(config: IngestConfig, total: int) -> Any:
-    from tqdm import tqdm
+    # tqdm.auto draws a widget in notebooks and text in terminals.
+    from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
