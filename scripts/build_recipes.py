@@ -22,7 +22,7 @@ from pydicom.datadict import dictionary_VR
 
 RECIPES = Path(__file__).resolve().parent.parent / "workbench" / "recipes"
 TABLE = RECIPES / "ps3.15-table-e.1-1.csv"
-RECIPE_VERSION = "2026.12.1"
+RECIPE_VERSION = "2026.12.2"
 
 BASE_HEADER = f"""\
 FORMAT dicom
@@ -84,10 +84,14 @@ REPLACE select:VR:DA func:shift_date
 REPLACE select:VR:DT func:shift_date
 BLANK select:VR:PN
 # Free text can hold any identity; the Clean Descriptors option keeps cleaned copies
-# of the descriptors the profile names.
+# of the descriptors the profile names. Descriptions, comments and content labels
+# the table does not list are free text too.
 REMOVE select:VR:LT
 REMOVE select:VR:ST
 REMOVE select:VR:UT
+REMOVE endswith:Description
+REMOVE endswith:Comments
+REMOVE ContentLabel
 
 # Record what was done, as PS3.15 E.1.1 asks.
 ADD PatientIdentityRemoved YES

@@ -359,3 +359,18 @@ def test_recipe_digest_changes_with_text(tmp_path):
     recipe.write_text("FORMAT dicom\n%header\nKEEP InstitutionName\n")
     assert load_recipe([recipe, *recipe_paths()]).digest != base.digest
     assert load_recipe(recipe_paths()).digest == base.digest
+
+
+def test_recipe_rejects_unknown_action(tmp_path):
+    recipe = tmp_path / "typo.dicom"
+    recipe.write_text("FORMAT dicom\n%header\nFROBNICATE PatientName\n")
+    with pytest.raises(RecipeError, match="line 3"):
+        load_recipe([recipe])
+
+
+def test_unlisted_descriptions_removed(deidentifier):
+    ds = make_instance(ContentDescription="Segmentation by DR WHO at ST ELSEWHERE")
+    ds.ContentLabel = "ST ELSEWHERE"
+    deidentify_instance(ds, deidentifier)
+    assert "ContentDescription" not in ds
+    assert "ContentLabel" not in ds

@@ -251,3 +251,48 @@ def test_audit_to_postgresql(tmp_path, fresh_postgres_url):
     assert actions[0] == "ingest.start"
     assert "instance.fetch" in actions
     assert actions[-1] == "ingest.end"
+
+
+def test_other_key_refused(tmp_path, monkeypatch):
+    from workbench.home import init_home
+
+    folder = tmp_path / "input"
+    folder.mkdir()
+    ct_file(folder / "a.dcm")
+    out = tmp_path / "out"
+    ingest_folder(folder, out)
+    monkeypatch.setenv("WORKBENCH_HOME", str(init_home(tmp_path / "other-home")))
+    with pytest.raises(ConfigurationError, match="another de-identification key"):
+        ingest_folder(folder, out)
+    assert instances_table(out).num_rows == 1
+
+
+def test_bad_input_leaves_no_output(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigurationError, match="not a folder"):
+        ingest_folder(tmp_path / "missing", out)
+    assert not out.exists()
+    with pytest.raises(ConfigurationError, match="cannot read recipe"):
+        ingest_folder(tmp_path, out, recipes=(tmp_path / "none.dicom",))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('clean_descriptors = "false"', "true or false"),
+        ("workers = 2.5", "whole number"),
+    ],
+)
+def test_definition_types_checked(tmp_path, line, message):
+    from workbench.ingest import load_dataset_definition
+
+    section = "[deidentification]" if "clean" in line else "[run]"
+    definition = tmp_path / "d.toml"
+    definition.write_text(
+        f'[source]\nfolder = "in"\n[output]\npath = "out"\n{section}\n{line}\n'
+    )
+    with pytest.raises(ConfigurationError, match=message):
+        load_dataset_definition(definition)
+    with pytest.raises(ConfigurationError, match="is a folder"):
+        load_dataset_definition(tmp_path)

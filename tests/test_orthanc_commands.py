@@ -117,7 +117,7 @@ def test_load_files(
     assert orthanc.client().statistics()["CountInstances"] == 2
 
 
-def test_load_with_problems_exits_1(
+def test_load_with_problems_exits_3(
     orthanc: OrthancServer,
     no_orthanc_environment: None,
     tmp_path: Path,
@@ -141,7 +141,7 @@ def test_load_with_problems_exits_1(
     )
 
     output = capsys.readouterr().out
-    assert exit_status == 1
+    assert exit_status == 3
     assert "3 files: 1 uploaded" in output
     assert f"unreadable: {tmp_path / 'truncated.dcm'}: truncated" in output
     assert f"not-dicom: {tmp_path / 'notes.txt'}" in output

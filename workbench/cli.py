@@ -81,8 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"workbench: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print("workbench: interrupted", file=sys.stderr)
+        print(
+            "workbench: interrupted; an ingest resumes where it stopped when you run"
+            " the same command again",
+            file=sys.stderr,
+        )
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (``workbench samples list | head``).
+        sys.stderr.close()
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from workbench.audit.chain import AuditRecord, canonical_json
-from workbench.audit.log import AUDIT_URL_ENV, open_audit_log
+from workbench.audit.log import (
+    AUDIT_FILENAME,
+    AUDIT_URL_ENV,
+    open_audit_log,
+    sqlite_path,
+)
 from workbench.audit.query import parse_time
 from workbench.errors import ConfigurationError
+from workbench.home import find_home
 
 __all__ = ["register", "run_show", "run_verify"]
 
@@ -128,6 +136,7 @@ def run_verify(args: argparse.Namespace) -> int:
     AuditChainError
         When the chain does not verify; the command line prints it and exits 1.
     """
+    _require_existing_sqlite(args.url)
     with open_audit_log(args.url) as audit:
         report = audit.verify(expected_head=args.expected_head)
         location = audit.location
@@ -140,6 +149,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     """Print the records that match the filters, as a table or as JSON lines."""
+    _require_existing_sqlite(args.url)
     with open_audit_log(args.url) as audit:
         records = audit.records(
             action=args.action,
@@ -190,3 +200,23 @@ def write_table(records: Sequence[AuditRecord], stream: TextIO) -> None:
         if record.details:
             extra = f"{extra} {canonical_json(record.details)}".strip()
         print(f"{cells}  {extra}".rstrip(), file=stream)
+
+
+def _require_existing_sqlite(url: str | None) -> None:
+    """Refuse to read a SQLite log that does not exist: opening would create it.
+
+    A mistyped path would otherwise "verify" a new, empty log.
+    """
+    url = url or os.environ.get(AUDIT_URL_ENV) or None
+    if url is None:
+        path = find_home() / AUDIT_FILENAME
+    elif "://" not in url:
+        path = Path(url)
+    elif url.lower().startswith("sqlite:"):
+        path = sqlite_path(url)
+    else:
+        return
+    if not path.is_file():
+        raise ConfigurationError(
+            f"no audit log at {path}; check the path (--url or {AUDIT_URL_ENV})"
+        )

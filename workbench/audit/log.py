@@ -326,7 +326,7 @@ class AuditLog:
         return [row.to_record() for row in rows]
 
 
-def _sqlite_path(url: str) -> Path:
+def sqlite_path(url: str) -> Path:
     """Return the file path of a ``sqlite:///`` URL (four slashes: absolute path)."""
     prefix = "sqlite:///"
     if not url.lower().startswith(prefix):
@@ -382,7 +382,7 @@ def open_audit_log(url: str | os.PathLike[str] | None = None) -> AuditLog:
 
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme == "sqlite":
-        return AuditLog(_open_sqlite(_sqlite_path(url)))
+        return AuditLog(_open_sqlite(sqlite_path(url)))
     if scheme in ("postgresql", "postgres"):
         from workbench.audit.postgres_store import PostgresAuditStore
 

@@ -45,6 +45,7 @@ __all__ = [
     "QUARANTINE_REPORT",
     "VOLUMES_STORE",
     "DatasetFolder",
+    "QuarantineRecord",
     "SeriesRecord",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -72,6 +73,15 @@ class SeriesRecord:
     rows: int
     quarantined: int
     source_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """A series' quarantine list as stored, with the run's fingerprint and row count."""
+
+    fingerprint: str
+    written: int
+    entries: list[dict[str, str]]
 
 
 class DatasetFolder:
@@ -172,11 +182,17 @@ class DatasetFolder:
     ) -> None:
         """Write a series' quarantine list, then its Parquet part, each atomically.
 
-        The part's metadata records the source fingerprint and the source ids of
-        every instance (Orthanc ids or hashed file ids), so a later run can tell
-        whether it would drop an instance by rewriting the series.
+        The part's metadata records the source fingerprint and keyed hashes of the
+        source ids of its instances, so a later run can tell whether rewriting the
+        series would drop an instance. A series with no row left (every instance
+        quarantined) gets no Parquet part: its quarantine list records that.
         """
-        self.write_quarantine(series_uid, quarantined, fingerprint=fingerprint)
+        self.write_quarantine(
+            series_uid, quarantined, fingerprint=fingerprint, written=len(rows)
+        )
+        if not rows:
+            self.part_path(series_uid).unlink(missing_ok=True)
+            return
         schema = schema_for_columns(types).with_metadata(
             {
                 FINGERPRINT_KEY: fingerprint.encode(),
@@ -188,22 +204,35 @@ class DatasetFolder:
         _write_table(self.part_path(series_uid), table)
 
     def write_quarantine(
-        self, key: str, entries: list[dict[str, str]], *, fingerprint: str
+        self,
+        key: str,
+        entries: list[dict[str, str]],
+        *,
+        fingerprint: str,
+        written: int = 0,
     ) -> None:
-        """Record the quarantined instances of one series (or group of files)."""
-        document = {"fingerprint": fingerprint, "entries": entries}
+        """Record the quarantined instances of one series (or group of files).
+
+        ``written`` is the number of rows the series' Parquet part will hold; 0
+        means the series is complete without one.
+        """
+        document = {"fingerprint": fingerprint, "written": written, "entries": entries}
         atomic_write_text(
             self.quarantine / f"{key}.json",
             json.dumps(document, indent=1, ensure_ascii=False),
         )
 
-    def read_quarantine(self, key: str) -> tuple[str, list[dict[str, str]]] | None:
-        """Return ``(fingerprint, entries)`` recorded for a series, or None."""
+    def read_quarantine(self, key: str) -> QuarantineRecord | None:
+        """Return what was recorded with a series' quarantine list, or None."""
         path = self.quarantine / f"{key}.json"
         if not path.exists():
             return None
         document = json.loads(path.read_text())
-        return document.get("fingerprint", ""), document.get("entries", [])
+        return QuarantineRecord(
+            fingerprint=document.get("fingerprint", ""),
+            written=int(document.get("written", -1)),
+            entries=document.get("entries", []),
+        )
 
     # Finalisation
 

@@ -192,7 +192,11 @@ def _parse_with_deid(name: str, text: str) -> list[dict]:
     from deid.logger import bot
 
     if not re.search(r"^\s*FORMAT\s+dicom\s*$", text, re.MULTILINE | re.IGNORECASE):
-        raise RecipeError(f"recipe {name} does not start with 'FORMAT dicom'")
+        raise RecipeError(
+            f"recipe {name} has no 'FORMAT dicom' line; a recipe starts with the lines"
+            " 'FORMAT dicom' and '%header', then one action a line"
+        )
+    _check_lines(name, text)
     # deid prints every parsed line at its default level; quiet it while parsing.
     previous_level = bot.level
     bot.level = 0
@@ -207,6 +211,30 @@ def _parse_with_deid(name: str, text: str) -> list[dict]:
     finally:
         bot.level = previous_level
     return list(entries)
+
+
+def _check_lines(name: str, text: str) -> None:
+    """Reject lines of the header section that are no action deid would apply.
+
+    deid's parser skips such lines without a word, so a typo would silently drop
+    a rule.
+    """
+    section = ""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.upper().startswith("FORMAT"):
+            continue
+        if line.startswith("%"):
+            section = line[1:].split()[0].lower()
+            continue
+        if section != "header":
+            continue
+        action = line.split()[0].upper()
+        if action not in ACTIONS:
+            raise RecipeError(
+                f"recipe {name}, line {number}: {action!r} is not an action; use one"
+                f" of {', '.join(sorted(ACTIONS))}"
+            )
 
 
 def _rule(name: str, entry: dict) -> Rule:

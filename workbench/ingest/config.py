@@ -183,11 +183,16 @@ def load_dataset_definition(path: Path) -> IngestConfig:
         When the file is missing, is not valid TOML, or has unknown keys.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigurationError(
+            f"{path} is a folder; give a dataset definition file (TOML), or read the"
+            " folder's DICOM files with --folder"
+        )
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigurationError(f"dataset definition {path} not found") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigurationError(
             f"dataset definition {path} is not valid TOML: {exc}"
         ) from exc
@@ -224,23 +229,60 @@ def load_dataset_definition(path: Path) -> IngestConfig:
         )
     parse_query([f"{k}={v}" for k, v in query.items()])
 
+    def text(table: dict[str, Any], key: str, where: str) -> str:
+        value = table[key]
+        if not isinstance(value, str):
+            raise ConfigurationError(
+                f"dataset definition {path}: {where} {key} must be a string, not"
+                f" {value!r}"
+            )
+        return value
+
+    def flag(table: dict[str, Any], key: str, where: str, default: bool) -> bool:
+        value = table.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigurationError(
+                f"dataset definition {path}: {where} {key} must be true or false"
+                f" (without quotes), not {value!r}"
+            )
+        return value
+
+    def number(table: dict[str, Any], key: str, where: str, default: int) -> int:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigurationError(
+                f"dataset definition {path}: {where} {key} must be a whole number,"
+                f" not {value!r}"
+            )
+        return value
+
     def resolve(value: str) -> Path:
         candidate = Path(value).expanduser()
         return candidate if candidate.is_absolute() else base / candidate
 
+    recipes = deid.get("recipes", [])
+    if not isinstance(recipes, list) or not all(isinstance(r, str) for r in recipes):
+        raise ConfigurationError(
+            f"dataset definition {path}: [deidentification] recipes must be a list"
+            " of file names"
+        )
     return IngestConfig(
-        out=resolve(output["path"]),
-        orthanc=source.get("orthanc"),
-        folder=resolve(source["folder"]) if "folder" in source else None,
+        out=resolve(text(output, "path", "[output]")),
+        orthanc=text(source, "orthanc", "[source]") if "orthanc" in source else None,
+        folder=resolve(text(source, "folder", "[source]"))
+        if "folder" in source
+        else None,
         query={str(k): str(v) for k, v in query.items()},
-        purpose=str(run.get("purpose", "")),
-        workers=int(run.get("workers", 2)),
-        scheduler=run.get("scheduler"),
-        insecure=bool(run.get("insecure", False)),
-        fetch_threads=int(run.get("fetch_threads", 4)),
-        clean_descriptors=bool(deid.get("clean_descriptors", False)),
-        quarantine_burned_in=bool(deid.get("quarantine_burned_in", True)),
-        recipes=tuple(resolve(p) for p in deid.get("recipes", [])),
+        purpose=text(run, "purpose", "[run]") if "purpose" in run else "",
+        workers=number(run, "workers", "[run]", 2),
+        scheduler=text(run, "scheduler", "[run]") if "scheduler" in run else None,
+        insecure=flag(run, "insecure", "[run]", False),
+        fetch_threads=number(run, "fetch_threads", "[run]", 4),
+        clean_descriptors=flag(deid, "clean_descriptors", "[deidentification]", False),
+        quarantine_burned_in=flag(
+            deid, "quarantine_burned_in", "[deidentification]", True
+        ),
+        recipes=tuple(resolve(p) for p in recipes),
     )
 
 

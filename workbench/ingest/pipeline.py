@@ -36,13 +36,14 @@ from workbench.deidentify import (
 )
 from workbench.deidentify.recipe import compile_recipe, recipe_paths
 from workbench.errors import ConfigurationError, WorkbenchError
-from workbench.home import key_fingerprint, read_key
+from workbench.home import find_home, key_fingerprint, read_key
 from workbench.ingest.config import IngestConfig, redact_query
 from workbench.ingest.series import SeriesResult, WorkerSettings, process_series
 from workbench.ingest.sources import (
     ORTHANC,
     SeriesTask,
     folder_tasks,
+    hashed_source_ids,
     orthanc_tasks,
     source_fingerprint,
 )
@@ -135,7 +136,7 @@ def run_ingest(
         *config.recipes,
         *recipe_paths(clean_descriptors=config.clean_descriptors),
     ]
-    recipe_texts = tuple((Path(p).name, Path(p).read_bytes()) for p in recipe_files)
+    recipe_texts = tuple(_read_recipe(path) for path in recipe_files)
     # Fail early on a bad recipe, before any data is read.
     deidentifier = build_deidentifier(
         key, options, recipe=compile_recipe(list(recipe_texts))
@@ -145,51 +146,51 @@ def run_ingest(
         log.warning("no --purpose given; the audit log records 'unspecified'")
 
     folder = DatasetFolder(config.out)
+    _check_same_key(folder, key)
+    resource = f"dataset:{folder.root.resolve()}"
     own_audit = audit is None
     audit = audit or open_audit_log()
     summary = IngestSummary(out=config.out)
-    source_record: dict[str, Any]
+    audit.append(
+        AuditEvent(
+            action="ingest.start",
+            resource=resource,
+            purpose=purpose,
+            details={"source": _source_label(config), "workers": config.workers},
+        )
+    )
     try:
+        # 1. Ask the source for its series, before anything is written.
+        orthanc_args = None
+        if config.orthanc is not None:
+            tasks, orthanc_args, source_record = _orthanc_source(
+                config, pseudonymizer, audit, purpose, key
+            )
+        else:
+            assert config.folder is not None
+            source_record = {"kind": "folder"}
+            tasks = folder_tasks(config.folder, pseudonymizer)
+        if not tasks:
+            log.warning("the source holds no series that match; nothing to ingest")
+        settings = WorkerSettings(
+            key=key,
+            recipe_texts=recipe_texts,
+            options=options,
+            out=str(folder.root.resolve()),
+            orthanc=orthanc_args,
+            fetch_threads=config.fetch_threads,
+        )
+        tasks = [_with_settings(task, settings.digest) for task in tasks]
+        summary.series_total = len(tasks)
+
         with folder.locked():
             folder.prepare()
-            audit.append(
-                AuditEvent(
-                    action="ingest.start",
-                    resource=f"dataset:{config.out}",
-                    purpose=purpose,
-                    details={
-                        "source": _source_label(config),
-                        "workers": config.workers,
-                    },
-                )
-            )
-
-            # 1. Ask the source for its series.
-            orthanc_args = None
-            if config.orthanc is not None:
-                tasks, orthanc_args, source_record = _orthanc_source(
-                    config, pseudonymizer, audit, purpose, key
-                )
-            else:
-                assert config.folder is not None
-                source_record = {"kind": "folder"}
-                tasks = folder_tasks(config.folder, pseudonymizer)
-            settings = WorkerSettings(
-                key=key,
-                recipe_texts=recipe_texts,
-                options=options,
-                out=str(folder.root.resolve()),
-                orthanc=orthanc_args,
-                fetch_threads=config.fetch_threads,
-            )
-            tasks = [_with_settings(task, settings.digest) for task in tasks]
-            summary.series_total = len(tasks)
 
             # 2. Skip series already written from the same source and settings;
             #    refuse to rewrite a series that would lose instances.
             todo = []
             for task in tasks:
-                state = _series_state(folder, task)
+                state = _series_state(folder, task, key)
                 if state == "done":
                     summary.series_skipped += 1
                 elif state == "conflict":
@@ -237,7 +238,7 @@ def run_ingest(
             audit.append(
                 AuditEvent(
                     action="dataset.write",
-                    resource=f"dataset:{config.out}",
+                    resource=resource,
                     purpose=purpose,
                     details={"counts": summary.dataset},
                 )
@@ -246,7 +247,7 @@ def run_ingest(
         audit.append(
             AuditEvent(
                 action="ingest.end",
-                resource=f"dataset:{config.out}",
+                resource=resource,
                 purpose=purpose,
                 outcome="error",
                 details={"error": type(exc).__name__},
@@ -263,7 +264,7 @@ def run_ingest(
     audit.append(
         AuditEvent(
             action="ingest.end",
-            resource=f"dataset:{config.out}",
+            resource=resource,
             purpose=purpose,
             outcome=outcome,
             details={
@@ -299,8 +300,12 @@ def _orthanc_source(
     from workbench.orthanc.client import OrthancClient
 
     assert config.orthanc is not None
-    url = None if config.orthanc == LOCAL_ORTHANC else config.orthanc
-    client = OrthancClient.from_environment(url, insecure=config.insecure)
+    if config.orthanc == LOCAL_ORTHANC:
+        client = _local_orthanc_client()
+    else:
+        client = OrthancClient.from_environment(
+            config.orthanc, insecure=config.insecure
+        )
     public_url = _public_url(client.url)
     with client:
         check = client.check_server()
@@ -349,6 +354,50 @@ def _orthanc_source(
     return tasks, connection, record
 
 
+def _local_orthanc_client() -> Any:
+    """Return a client of the local Orthanc, with its stored credentials.
+
+    ``ORTHANC_USERNAME`` and ``ORTHANC_PASSWORD`` are for other servers and are not
+    used here.
+    """
+    from workbench.orthanc.client import OrthancClient
+    from workbench.orthanc.server import orthanc_status, read_credentials
+
+    home = find_home() / "orthanc"
+    status = orthanc_status(home)
+    credentials = read_credentials(home)
+    if not status.get("running") or credentials is None:
+        raise ConfigurationError(
+            f"the local Orthanc (home {home}) is not running; start it with"
+            " `workbench orthanc start`"
+        )
+    return OrthancClient(credentials.url, credentials.username, credentials.password)
+
+
+def _read_recipe(path: Path) -> tuple[str, bytes]:
+    try:
+        return Path(path).name, Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read recipe {path}: {exc.strerror}; check the --recipe path"
+        ) from exc
+
+
+def _check_same_key(folder: DatasetFolder, key: bytes) -> None:
+    """Refuse to add to a dataset pseudonymised under another key."""
+    manifest = folder.read_manifest() if folder.manifest_path.exists() else None
+    if manifest is None:
+        return
+    recorded = manifest.get("deidentification", {}).get("key_fingerprint")
+    if recorded and recorded != key_fingerprint(key):
+        raise ConfigurationError(
+            f"{folder.root} was written with another de-identification key (key"
+            f" fingerprint {recorded}, this one is {key_fingerprint(key)}); its"
+            " patients would get a second pseudonym. Use the key it was written"
+            " with (WORKBENCH_HOME or WORKBENCH_DEID_KEY_FILE), or a new --out folder"
+        )
+
+
 def _with_settings(task: SeriesTask, settings_digest: str) -> SeriesTask:
     """Fold the settings into the task's fingerprint: a new recipe redoes a series."""
     return replace(
@@ -356,18 +405,25 @@ def _with_settings(task: SeriesTask, settings_digest: str) -> SeriesTask:
     )
 
 
-def _series_state(folder: DatasetFolder, task: SeriesTask) -> str:
+def _series_state(folder: DatasetFolder, task: SeriesTask, key: bytes) -> str:
     """Return ``done``, ``conflict`` (rewriting would drop instances) or ``todo``."""
+    quarantine = folder.read_quarantine(task.key)
     if not task.readable:
-        recorded = folder.read_quarantine(task.key)
-        done = recorded is not None and recorded[0] == task.fingerprint
+        done = quarantine is not None and quarantine.fingerprint == task.fingerprint
         return "done" if done else "todo"
     record = folder.series_record(task.key)
     if record is None:
-        return "todo"
+        # A series whose every instance was quarantined has no Parquet part; one
+        # killed between its two writes has a quarantine list that expects rows.
+        done = (
+            quarantine is not None
+            and quarantine.fingerprint == task.fingerprint
+            and quarantine.written == 0
+        )
+        return "done" if done else "todo"
     if record.fingerprint == task.fingerprint:
         return "done"
-    if not record.source_ids <= set(task.source_ids):
+    if not record.source_ids <= set(hashed_source_ids(task.source_ids, key)):
         return "conflict"
     return "todo"
 
@@ -403,7 +459,14 @@ def _dask_client(config: IngestConfig) -> Iterator[Any]:
 
     if config.scheduler:
         _check_scheduler_address(config.scheduler, insecure=config.insecure)
-        with Client(config.scheduler, timeout="30s") as client:
+        try:
+            client = Client(config.scheduler, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigurationError(
+                f"could not reach the Dask scheduler at {config.scheduler} within"
+                " 30 s; check the address and that the scheduler runs"
+            ) from exc
+        with client:
             log.info("attached to Dask scheduler %s", config.scheduler)
             yield client
         return

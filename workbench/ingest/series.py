@@ -46,7 +46,12 @@ from workbench.deidentify import (
 from workbench.deidentify.recipe import compile_recipe
 from workbench.dicomio import read_instance
 from workbench.errors import DicomReadError, VerificationError, WorkbenchError
-from workbench.ingest.sources import FOLDER, SeriesTask, fetch_instances
+from workbench.ingest.sources import (
+    FOLDER,
+    SeriesTask,
+    fetch_instances,
+    hashed_source_ids,
+)
 
 __all__ = ["InstanceOutcome", "SeriesResult", "WorkerSettings", "process_series"]
 
@@ -196,7 +201,7 @@ def process_series(task: SeriesTask, settings: WorkerSettings) -> SeriesResult:
             types,
             fingerprint=task.fingerprint,
             quarantined=result.quarantined,
-            source_ids=list(task.source_ids),
+            source_ids=hashed_source_ids(task.source_ids, settings.key),
         )
     result.written = len(rows)
     if result.written + len(result.quarantined) != len(task.instance_refs):

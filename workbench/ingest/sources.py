@@ -9,6 +9,7 @@ between processes.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 from collections import defaultdict, deque
@@ -27,6 +28,7 @@ __all__ = [
     "SeriesTask",
     "fetch_instances",
     "folder_tasks",
+    "hashed_source_ids",
     "orthanc_tasks",
     "source_fingerprint",
 ]
@@ -77,6 +79,21 @@ class SeriesTask:
     def readable(self) -> bool:
         """False for the folder files that could not be read; all are quarantined."""
         return not self.key.startswith(UNGROUPED_PREFIX)
+
+
+def hashed_source_ids(source_ids: Sequence[str], key: bytes) -> list[str]:
+    """Return keyed hashes of source ids, to store with a series.
+
+    Orthanc ids are plain SHA-1 hashes of the source's patient, study, series and
+    instance UIDs; whoever holds the source archive could link a dataset back to it
+    through them. Keyed hashes still tell whether two runs saw the same instances.
+    """
+    return [
+        hmac.new(
+            key, b"source id\x00" + source_id.encode(), hashlib.sha256
+        ).hexdigest()[:32]
+        for source_id in source_ids
+    ]
 
 
 def source_fingerprint(refs: Sequence[str], extra: str = "") -> str:

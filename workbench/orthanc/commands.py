@@ -20,6 +20,7 @@ from workbench.orthanc.client import OrthancClient
 from workbench.orthanc.server import (
     CREDENTIALS_FILENAME,
     orthanc_status,
+    read_credentials,
     start_orthanc,
     stop_orthanc,
 )
@@ -30,6 +31,8 @@ __all__ = ["register", "run_load", "run_start", "run_status", "run_stop"]
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# Some files were not uploaded (not DICOM, or refused by Orthanc); the rest were.
+EXIT_REFUSED = 3
 # Files listed one by one after a load's summary; the rest are counted.
 MAX_LISTED_PROBLEMS = 50
 
@@ -86,11 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="upload DICOM files and folders to Orthanc",
         description=(
             "Upload DICOM files, and folders walked recursively, to the local Orthanc"
-            " or to --url. Credentials come from ORTHANC_USERNAME and"
-            " ORTHANC_PASSWORD, or from the local Orthanc's credentials.json when the"
-            " URL is its own. Files that are not usable DICOM are reported and not"
-            " sent. Exit status: 0 when every file is stored, 1 when files were"
-            " rejected or unreadable."
+            " (with its stored credentials) or to --url (credentials from"
+            " ORTHANC_USERNAME and ORTHANC_PASSWORD). Files that are not usable DICOM"
+            " are reported and not sent. Exit status: 0 when every file is stored,"
+            " 3 when some files were not DICOM or were rejected by Orthanc, 1 on an"
+            " error."
         ),
     )
     load.add_argument(
@@ -169,9 +172,7 @@ def run_load(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
 
-    client = OrthancClient.from_environment(
-        args.url, home=args.home, insecure=args.insecure
-    )
+    client = _load_client(args)
     with client, tempfile.TemporaryDirectory(prefix="workbench-samples-") as scratch:
         check = client.check_server()
         print(f"Orthanc {check.version} at {client.url}")
@@ -188,10 +189,31 @@ def run_load(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     problems = report.problems()
     for outcome in problems[:MAX_LISTED_PROBLEMS]:
-        print(f"  {outcome.status}: {outcome.path}: {outcome.reason}")
+        reason = outcome.reason.removeprefix(f"{outcome.status}: ")
+        print(f"  {outcome.status}: {outcome.path}: {reason}")
     if len(problems) > MAX_LISTED_PROBLEMS:
         print(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
-    return EXIT_OK if report.ok else EXIT_FAILURE
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+def _load_client(args: argparse.Namespace) -> OrthancClient:
+    """Return a client for ``--url``, or for the local Orthanc with its credentials.
+
+    ``ORTHANC_USERNAME`` and ``ORTHANC_PASSWORD`` apply to ``--url`` only: the
+    local Orthanc has its own stored credentials.
+    """
+    if args.url is not None:
+        return OrthancClient.from_environment(
+            args.url, home=args.home, insecure=args.insecure
+        )
+    home = _orthanc_home(args.home)
+    credentials = read_credentials(home)
+    if credentials is None or not orthanc_status(home).get("running"):
+        raise ConfigurationError(
+            f"the local Orthanc (home {home}) is not running; start it with"
+            " `workbench orthanc start`, or give --url"
+        )
+    return OrthancClient(credentials.url, credentials.username, credentials.password)
 
 
 def _add_home_argument(parser: argparse.ArgumentParser) -> None:
