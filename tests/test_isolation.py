@@ -914,3 +914,31 @@ def test_relay_rejects_descriptor_that_is_not_pipe(tmp_path):
         pytest.raises(AuditError, match="not the audit relay pipe"),
     ):
         RelayAuditLog(handle.fileno())
+
+
+def job_use_input(folder: str, output: str) -> dict[str, Any]:
+    model = Path(folder) / "model.txt"
+    return {
+        "read": model.read_text(),
+        "write": _attempt(lambda: (Path(folder) / "new.txt").write_text("x")),
+        "output": _attempt(lambda: (Path(output) / "out.txt").write_text("y")),
+    }
+
+
+def test_input_folder_readable_not_writable(dataset, tmp_path):
+    # Under /tmp, which the sandbox replaces: only the input mount shows it.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.txt").write_text("weights")
+    output = tmp_path / "out"
+    result = run_job(
+        "job_use_input",
+        {"folder": str(model), "output": str(output)},
+        datasets=[dataset],
+        outputs=[output],
+        inputs=[model],
+    )
+    assert result.value["read"] == "weights"
+    assert result.value["write"] == "EROFS"
+    assert result.value["output"] == "succeeded"
+    assert not (model / "new.txt").exists()

@@ -76,6 +76,8 @@ class SandboxPlan:
         Folders mounted read-only on their own path.
     outputs
         Folders mounted writable on their own path.
+    inputs
+        Other folders mounted read-only on their own path (models, checkpoints).
     code_folders
         Folders of the job's import path. Those below a scratch folder are
         mounted read-only, so that code kept in ``/tmp`` still imports.
@@ -89,6 +91,7 @@ class SandboxPlan:
 
     datasets: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
     code_folders: list[str] = field(default_factory=list)
     hidden_folders: list[str] = field(default_factory=list)
     hidden_files: list[str] = field(default_factory=list)
@@ -184,7 +187,7 @@ def _build_mounts(plan: SandboxPlan) -> None:
     ]
     handles = {
         path: os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        for path in [*plan.outputs, *plan.datasets, *code]
+        for path in [*plan.outputs, *plan.inputs, *plan.datasets, *code]
     }
     try:
         # Everything read-only, then fresh scratch space over the socket folders.
@@ -202,7 +205,7 @@ def _build_mounts(plan: SandboxPlan) -> None:
         for path in plan.outputs:
             _bind_handle(handles[path], path)
             syscalls.set_readonly(path, readonly=False)
-        for path in plan.datasets:
+        for path in [*plan.inputs, *plan.datasets]:
             _bind_handle(handles[path], path)
             syscalls.set_readonly(path, readonly=True)
     finally:

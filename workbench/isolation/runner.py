@@ -127,6 +127,7 @@ class _Job:
     outputs: list[Path]
     hidden_folders: list[Path] = field(default_factory=list)
     hidden_files: list[Path] = field(default_factory=list)
+    inputs: list[Path] = field(default_factory=list)
 
     def start_event(self) -> AuditEvent:
         return AuditEvent(
@@ -143,6 +144,7 @@ class _Job:
                     for view in self.datasets
                 ],
                 "outputs": [str(path) for path in self.outputs],
+                "inputs": [str(path) for path in self.inputs],
             },
         )
 
@@ -162,6 +164,7 @@ def run_isolated(
     *,
     datasets: Sequence[str | os.PathLike[str]] = (),
     outputs: Sequence[str | os.PathLike[str]] = (),
+    inputs: Sequence[str | os.PathLike[str]] = (),
     purpose: str,
     job: str,
     policy: IsolationPolicy | str = IsolationPolicy.NAMESPACES,
@@ -181,6 +184,11 @@ def run_isolated(
     outputs
         Folders the job writes, created if missing. Under ``NAMESPACES`` they and
         the job's private ``/tmp`` are the only writable places.
+    inputs
+        Other folders the job reads, such as a trained model or a model
+        checkpoint: read-only for the job, and visible even where they lie under
+        a folder the sandbox replaces (``/tmp``). They are not datasets, so they
+        must hold no patient data.
     purpose
         Why the job runs, in the user's words, for the audit log.
     job
@@ -219,6 +227,7 @@ def run_isolated(
     """
     policy = _parse_policy(policy)
     request = _validate(target, kwargs, datasets, outputs, purpose, job, policy)
+    request.inputs = _input_folders(inputs, request)
     if policy is IsolationPolicy.WEAK_IN_PROCESS_GUARD:
         log.warning(
             "job %s runs with the WEAK in-process guard: only Python socket calls"
@@ -319,6 +328,20 @@ def _validate(
         hidden_folders=hidden_folders,
         hidden_files=hidden_files,
     )
+
+
+def _input_folders(
+    inputs: Sequence[str | os.PathLike[str]], request: _Job
+) -> list[Path]:
+    """Check the extra read-only folders of a job."""
+    folders = []
+    for entry in inputs:
+        path = Path(entry).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigurationError(f"input folder {path} of the job does not exist")
+        _reject_inside_secrets(path, "input", request.hidden_folders)
+        folders.append(path)
+    return folders
 
 
 def _secret_locations() -> tuple[list[Path], list[Path]]:
@@ -514,6 +537,7 @@ def _child_spec(request: _Job, result_file: IO[bytes]) -> dict[str, Any]:
         "plan": {
             "datasets": [str(view.root) for view in request.datasets],
             "outputs": [str(path) for path in request.outputs],
+            "inputs": [str(path) for path in request.inputs],
             "code_folders": [
                 path
                 for path in (os.path.realpath(entry or ".") for entry in sys.path)
