@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "workbench.orthanc.commands",
     "workbench.samples.commands",
     "workbench.ingest.commands",
+    "workbench.jobs.commands",
     "workbench.audit.commands",
 )
 

@@ -196,16 +196,16 @@ def _build_mounts(plan: SandboxPlan) -> None:
             flags = syscalls.MS_NOSUID | syscalls.MS_NODEV
             syscalls.mount_filesystem("tmpfs", folder, "tmpfs", flags, "mode=1777")
 
-        # Code folders, then outputs (writable), then datasets (read-only): each
-        # mount covers the ones before it, so an output inside a code folder is
-        # writable and a dataset inside an output is read-only.
-        for path in code:
+        # Code folders and inputs, then outputs (writable), then datasets
+        # (read-only): each mount covers the ones before it, so an output inside
+        # an input folder is writable and a dataset inside an output is read-only.
+        for path in [*code, *plan.inputs]:
             _bind_handle(handles[path], path)
             syscalls.set_readonly(path, readonly=True)
         for path in plan.outputs:
             _bind_handle(handles[path], path)
             syscalls.set_readonly(path, readonly=False)
-        for path in [*plan.inputs, *plan.datasets]:
+        for path in plan.datasets:
             _bind_handle(handles[path], path)
             syscalls.set_readonly(path, readonly=True)
     finally:

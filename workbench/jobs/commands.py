@@ -1,0 +1,250 @@
+"""``workbench train``, ``workbench infer``, ``workbench finetune-gemma``.
+
+Each command runs its job in an isolated child process by default (see
+:mod:`workbench.isolation`): no network, datasets read-only, no secrets, Hugging
+Face offline. ``--isolation weak`` accepts a weaker in-process guard where the
+kernel refuses namespaces; ``--no-isolation`` runs in this process, for debugging,
+and the audit log records that it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import ConfigurationError
+
+__all__ = ["register"]
+
+ENTRY = "workbench.jobs.entry"
+POLICIES = {"namespaces": "namespaces", "weak": "weak-in-process-guard"}
+TINY_GEMMA = "tiny"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train``, ``infer`` and ``finetune-gemma`` commands."""
+    train = subparsers.add_parser(
+        "train",
+        help="train a MONAI model on a dataset (isolated)",
+        description=(
+            "Train a MONAI model described by a TOML config on a de-identified"
+            " dataset, in an isolated child process. Writes checkpoints,"
+            " metrics.csv and a loss plot to --out; run again to resume."
+        ),
+    )
+    _common(train)
+    train.add_argument(
+        "--config", type=Path, required=True, help="training config (TOML)"
+    )
+    train.add_argument(
+        "--labels",
+        type=Path,
+        help="labels table (CSV or Parquet), overriding the config's",
+    )
+    train.set_defaults(handler=run_train)
+
+    infer = subparsers.add_parser(
+        "infer",
+        help="run a trained model or Gemma 3n on a dataset (isolated)",
+        description=(
+            "Run a model trained with `workbench train` (--model) and write"
+            " predictions.parquet, or Gemma 3n (--gemma, with --prompt) and write"
+            " generations.parquet, keyed by the dataset's new UIDs."
+        ),
+    )
+    _common(infer)
+    which = infer.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="output folder of `workbench train`")
+    which.add_argument(
+        "--gemma",
+        metavar="PATH_OR_tiny",
+        help="a local Gemma 3n checkpoint folder, or 'tiny' for a small random model",
+    )
+    infer.add_argument(
+        "--checkpoint", choices=("best", "last"), default="best",
+        help="which checkpoint of --model (default: %(default)s)",
+    )  # fmt: skip
+    infer.add_argument(
+        "--prompt", help="Gemma prompt template over metadata columns, such as"
+        " 'Modality: {Modality}. Describe the image.'",
+    )  # fmt: skip
+    infer.add_argument(
+        "--adapter", type=Path, help="LoRA adapter folder from `finetune-gemma`"
+    )
+    infer.add_argument(
+        "--max-new-tokens", type=int, default=32, help="Gemma answer length"
+    )
+    infer.set_defaults(handler=run_infer)
+
+    finetune = subparsers.add_parser(
+        "finetune-gemma",
+        help="fine-tune Gemma 3n with LoRA on a dataset (isolated)",
+        description=(
+            "Fine-tune Gemma 3n with LoRA on the text decoder's attention"
+            " projections, from one image per series and a target text from a"
+            " dataset column or a reports table. Writes the adapter, loss.csv and"
+            " finetune.json to --out."
+        ),
+    )
+    _common(finetune)
+    finetune.add_argument("--gemma", required=True, metavar="PATH_OR_tiny")
+    finetune.add_argument("--prompt", required=True, help="prompt template")
+    target = finetune.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-column", help="dataset column holding the target")
+    target.add_argument(
+        "--reports", type=Path, help="table keyed on SeriesInstanceUID with a 'report'"
+    )
+    finetune.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    finetune.add_argument("--learning-rate", type=float, default=2e-4)
+    finetune.add_argument("--lora-rank", type=int, default=8)
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.set_defaults(handler=run_finetune)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train in an isolated child and print the summary."""
+    config = _existing_file(args.config, "--config")
+    labels = _existing_file(args.labels, "--labels") if args.labels else None
+    inputs = [config.parent] + ([labels.parent] if labels else [])
+    kwargs = {
+        "config": str(config),
+        "dataset": str(args.dataset),
+        "out": str(args.out),
+        "purpose": args.purpose,
+        "labels": str(labels) if labels else None,
+    }
+    return _run(args, "train", "train", kwargs, inputs)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """Run MONAI or Gemma 3n inference in an isolated child."""
+    if args.model is not None:
+        model = args.model.expanduser().resolve()
+        if not model.is_dir():
+            raise ConfigurationError(f"--model {model} is not a folder")
+        kwargs = {
+            "dataset": str(args.dataset),
+            "model": str(model),
+            "out": str(args.out),
+            "purpose": args.purpose,
+            "checkpoint": args.checkpoint,
+        }
+        return _run(args, "infer", "infer", kwargs, [model])
+    if not args.prompt:
+        raise ConfigurationError("--gemma needs --prompt, the prompt template")
+    inputs = _gemma_inputs(args.gemma)
+    adapter = None
+    if args.adapter is not None:
+        adapter = args.adapter.expanduser().resolve()
+        if not adapter.is_dir():
+            raise ConfigurationError(f"--adapter {adapter} is not a folder")
+        inputs.append(adapter)
+    kwargs = {
+        "dataset": str(args.dataset),
+        "gemma": _gemma_spec(args.gemma),
+        "prompt": args.prompt,
+        "out": str(args.out),
+        "purpose": args.purpose,
+        "adapter": str(adapter) if adapter else None,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    return _run(args, "gemma_infer", "infer-gemma", kwargs, inputs)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune Gemma 3n with LoRA in an isolated child."""
+    inputs = _gemma_inputs(args.gemma)
+    reports = None
+    if args.reports is not None:
+        reports = _existing_file(args.reports, "--reports")
+        inputs.append(reports.parent)
+    kwargs = {
+        "dataset": str(args.dataset),
+        "gemma": _gemma_spec(args.gemma),
+        "out": str(args.out),
+        "purpose": args.purpose,
+        "prompt": args.prompt,
+        "target_column": args.target_column,
+        "reports": str(reports) if reports else None,
+        "steps": args.steps,
+        "learning_rate": args.learning_rate,
+        "lora_rank": args.lora_rank,
+        "seed": args.seed,
+    }
+    return _run(args, "gemma_finetune", "finetune-gemma", kwargs, inputs)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dataset", type=Path, required=True, help="dataset folder (read-only)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--purpose", required=True, help="why the job runs; written to the audit log"
+    )
+    isolation = parser.add_mutually_exclusive_group()
+    isolation.add_argument(
+        "--isolation",
+        choices=sorted(POLICIES),
+        default="namespaces",
+        help="namespaces (default): no network, read-only datasets, enforced by the"
+        " kernel; weak: only Python's own sockets refused, for kernels that forbid"
+        " namespaces",
+    )
+    isolation.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="run in this process, for debugging; the audit log records it",
+    )
+
+
+def _run(
+    args: argparse.Namespace,
+    function: str,
+    job: str,
+    kwargs: dict[str, Any],
+    inputs: list[Path],
+) -> int:
+    from workbench.isolation import run_isolated
+
+    policy = "none" if args.no_isolation else POLICIES[args.isolation]
+    result = run_isolated(
+        f"{ENTRY}:{function}",
+        kwargs,
+        datasets=[args.dataset],
+        outputs=[args.out],
+        inputs=inputs,
+        purpose=args.purpose,
+        job=job,
+        policy=policy,
+    )
+    print(json.dumps(result.value, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _existing_file(path: Path, option: str) -> Path:
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise ConfigurationError(f"{option} {path} does not exist")
+    return path
+
+
+def _gemma_spec(spec: str) -> str:
+    if spec == TINY_GEMMA:
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def _gemma_inputs(spec: str) -> list[Path]:
+    """Return the checkpoint folder the job must read, checked here."""
+    if spec == TINY_GEMMA:
+        return []
+    folder = Path(spec).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise ConfigurationError(
+            f"--gemma {spec}: not 'tiny' and not a local checkpoint folder with a"
+            " config.json; the workbench never downloads models"
+        )
+    return [folder]
