@@ -482,7 +482,13 @@ def _run_in_child(request: _Job, audit: AuditLog) -> tuple[Any, int, int]:
             spec_file.seek(0)
             environment = child_environment(
                 os.environ,
-                {"WORKBENCH_AUDIT_RELAY_FD": str(relay_fd), "TMPDIR": tmp_folder},
+                {
+                    "WORKBENCH_AUDIT_RELAY_FD": str(relay_fd),
+                    "TMPDIR": tmp_folder,
+                    # The home folder is read-only for the job; matplotlib keeps
+                    # its font cache in the private temporary folder instead.
+                    "MPLCONFIGDIR": os.path.join(tmp_folder, "matplotlib"),
+                },
             )
             command = [
                 sys.executable,

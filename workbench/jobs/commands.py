@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ __all__ = ["register"]
 ENTRY = "workbench.jobs.entry"
 POLICIES = {"namespaces": "namespaces", "weak": "weak-in-process-guard"}
 TINY_GEMMA = "tiny"
+INPUTS_FOLDER = "inputs"
+# Folders shared by every program on the machine; a job may see things below them
+# only through its own inputs and outputs.
+SHARED_FOLDERS = frozenset(
+    {"/", "/tmp", "/var/tmp", "/dev/shm", "/run", "/home", "/root"}  # noqa: S108
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -104,26 +111,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train in an isolated child and print the summary."""
-    config = _existing_file(args.config, "--config")
-    labels = _existing_file(args.labels, "--labels") if args.labels else None
-    inputs = [config.parent] + ([labels.parent] if labels else [])
+    """Train in an isolated child and print the summary.
+
+    The config and the labels table are copied into ``--out/inputs``, which the
+    job can read; their own folders are not shown to it.
+    """
+    from workbench.training import load_config
+
+    _check_dataset(args.dataset)
+    config_path = _existing_file(args.config, "--config")
+    config = load_config(config_path)
+    labels = args.labels or config.labels
+    staged = _stage_inputs(args.out, {"config": config_path, "labels": labels})
+    inputs = []
+    if config.task == "segmentation" and labels is not None:
+        # Mask files sit beside the labels table and are named relative to it.
+        inputs.append(_input_folder(Path(labels).parent, "--labels"))
+        staged["labels"] = str(Path(labels).expanduser().resolve())
     kwargs = {
-        "config": str(config),
+        "config": staged["config"],
         "dataset": str(args.dataset),
         "out": str(args.out),
         "purpose": args.purpose,
-        "labels": str(labels) if labels else None,
+        "labels": staged.get("labels"),
     }
     return _run(args, "train", "train", kwargs, inputs)
 
 
 def run_infer(args: argparse.Namespace) -> int:
     """Run MONAI or Gemma 3n inference in an isolated child."""
+    _check_dataset(args.dataset)
     if args.model is not None:
-        model = args.model.expanduser().resolve()
-        if not model.is_dir():
-            raise ConfigurationError(f"--model {model} is not a folder")
+        model = _input_folder(args.model, "--model")
         kwargs = {
             "dataset": str(args.dataset),
             "model": str(model),
@@ -137,9 +156,7 @@ def run_infer(args: argparse.Namespace) -> int:
     inputs = _gemma_inputs(args.gemma)
     adapter = None
     if args.adapter is not None:
-        adapter = args.adapter.expanduser().resolve()
-        if not adapter.is_dir():
-            raise ConfigurationError(f"--adapter {adapter} is not a folder")
+        adapter = _input_folder(args.adapter, "--adapter")
         inputs.append(adapter)
     kwargs = {
         "dataset": str(args.dataset),
@@ -155,11 +172,10 @@ def run_infer(args: argparse.Namespace) -> int:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """Fine-tune Gemma 3n with LoRA in an isolated child."""
+    _check_dataset(args.dataset)
     inputs = _gemma_inputs(args.gemma)
-    reports = None
-    if args.reports is not None:
-        reports = _existing_file(args.reports, "--reports")
-        inputs.append(reports.parent)
+    staged = _stage_inputs(args.out, {"reports": args.reports})
+    reports = staged.get("reports")
     kwargs = {
         "dataset": str(args.dataset),
         "gemma": _gemma_spec(args.gemma),
@@ -167,7 +183,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         "purpose": args.purpose,
         "prompt": args.prompt,
         "target_column": args.target_column,
-        "reports": str(reports) if reports else None,
+        "reports": reports,
         "steps": args.steps,
         "learning_rate": args.learning_rate,
         "lora_rank": args.lora_rank,
@@ -224,6 +240,45 @@ def _run(
     return 0
 
 
+def _check_dataset(path: Path) -> None:
+    """Refuse a folder that is not a de-identified dataset before writing anything."""
+    from workbench.dataset.reader import DatasetView
+
+    DatasetView.open(path)
+
+
+def _stage_inputs(out: Path, files: dict[str, Path | None]) -> dict[str, str]:
+    """Copy small input files into ``out/inputs`` and return their new paths.
+
+    The isolated job sees its output folder, so it can read these copies; the
+    folders they came from (often ``/tmp`` or a home folder) stay hidden.
+    """
+    staged: dict[str, str] = {}
+    folder = Path(out).expanduser().resolve() / INPUTS_FOLDER
+    for name, path in files.items():
+        if path is None:
+            continue
+        source = _existing_file(Path(path), f"--{name}")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{name}{source.suffix}"
+        shutil.copyfile(source, target)
+        staged[name] = str(target)
+    return staged
+
+
+def _input_folder(path: Path, option: str) -> Path:
+    """Return a folder the job may read, refusing top-level scratch folders."""
+    folder = path.expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigurationError(f"{option} {folder} is not a folder")
+    if str(folder) in SHARED_FOLDERS:
+        raise ConfigurationError(
+            f"{option} {folder} is a shared folder the job must not see whole; put"
+            " its files in a folder of their own"
+        )
+    return folder
+
+
 def _existing_file(path: Path, option: str) -> Path:
     path = path.expanduser().resolve()
     if not path.is_file():
@@ -241,7 +296,7 @@ def _gemma_inputs(spec: str) -> list[Path]:
     """Return the checkpoint folder the job must read, checked here."""
     if spec == TINY_GEMMA:
         return []
-    folder = Path(spec).expanduser().resolve()
+    folder = _input_folder(Path(spec), "--gemma")
     if not (folder / "config.json").is_file():
         raise ConfigurationError(
             f"--gemma {spec}: not 'tiny' and not a local checkpoint folder with a"

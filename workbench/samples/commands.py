@@ -96,6 +96,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     cases.set_defaults(handler=run_cases)
 
+    labels = commands.add_parser(
+        "labels",
+        help="write sphere labels of a sample dataset's CT slices, for training",
+        description=(
+            "Read a dataset ingested from the sample studies and write a labels"
+            " table (SOPInstanceUID,sphere): true for each CT slice that cuts the"
+            " phantom's bright sphere. Use it with `workbench train --labels`."
+        ),
+    )
+    labels.add_argument("--dataset", type=Path, required=True, help="dataset folder")
+    labels.add_argument("--out", type=Path, required=True, help="CSV file to write")
+    labels.set_defaults(handler=run_labels)
+
     listing = commands.add_parser(
         "list",
         help="list the real DICOM files bundled with installed packages",
@@ -129,6 +142,15 @@ def run_cases(args: argparse.Namespace) -> int:
         case = build_field_case(case_id, args.out / case_id.upper())
         print(f"{case.case_id}: {case.title} ({len(case.files)} files)")
         print(f"    expected: {case.expected}")
+    return 0
+
+
+def run_labels(args: argparse.Namespace) -> int:
+    """Write the sphere labels table and print how many slices it covers."""
+    from workbench.samples.labels import sphere_labels
+
+    count = sphere_labels(args.dataset, args.out)
+    print(f"wrote labels of {count} CT slices to {args.out}")
     return 0
 
 
