@@ -141,3 +141,25 @@ def quarantine_entries(out: Path) -> list[dict[str, str]]:
 
     with (out / "quarantine.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+@contextlib.contextmanager
+def fixed_deid_key(folder: Path) -> Iterator[Path]:
+    """Use one constant de-identification key, so pseudonyms repeat across sessions.
+
+    Tests whose outcome depends on pseudonyms (a split of patients into training
+    and validation) need the same pseudonyms in every session.
+    """
+    from workbench.home import write_secret_file
+
+    key_file = folder / "fixed-deid.key"
+    write_secret_file(key_file, "5e" * 32 + "\n")
+    saved = os.environ.get("WORKBENCH_DEID_KEY_FILE")
+    os.environ["WORKBENCH_DEID_KEY_FILE"] = str(key_file)
+    try:
+        yield key_file
+    finally:
+        if saved is None:
+            os.environ.pop("WORKBENCH_DEID_KEY_FILE", None)
+        else:
+            os.environ["WORKBENCH_DEID_KEY_FILE"] = saved

@@ -10,26 +10,23 @@ phantom's bright sphere, so a model that sees the images can learn it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 import pytest
-from ingest_helpers import orthanc_credentials
+from ingest_helpers import fixed_deid_key, orthanc_credentials
 
 from workbench.audit import open_audit_log
 from workbench.dataset.reader import DatasetView
-from workbench.home import write_secret_file
 from workbench.ingest import IngestConfig, run_ingest
 from workbench.orthanc.upload import upload_paths
 from workbench.samples import generate_studies
+from workbench.samples.labels import sphere_labels
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc]
 
-SPHERE_HU = 370
 PURPOSE = "command-line job test"
 CONFIG = """
 [data]
@@ -93,48 +90,23 @@ def data(orthanc_server, tmp_path_factory):
             client.delete("Patient", patient)
         assert upload_paths(client, [corpus.root], progress=False).ok
     # A fixed key gives the same pseudonyms, so the same split, every session.
-    key_file = root / "deid.key"
-    write_secret_file(key_file, "5e" * 32 + "\n")
-    saved = os.environ.get("WORKBENCH_DEID_KEY_FILE")
-    os.environ["WORKBENCH_DEID_KEY_FILE"] = str(key_file)
-    try:
-        with orthanc_credentials(orthanc_server):
-            run_ingest(
-                IngestConfig(
-                    out=root / "dataset",
-                    orthanc=orthanc_server.url,
-                    purpose=PURPOSE,
-                    progress=False,
-                )
+    with fixed_deid_key(root), orthanc_credentials(orthanc_server):
+        run_ingest(
+            IngestConfig(
+                out=root / "dataset",
+                orthanc=orthanc_server.url,
+                purpose=PURPOSE,
+                progress=False,
             )
-    finally:
-        if saved is None:
-            os.environ.pop("WORKBENCH_DEID_KEY_FILE", None)
-        else:
-            os.environ["WORKBENCH_DEID_KEY_FILE"] = saved
+        )
 
-    view = DatasetView.open(root / "dataset")
-    rows = view.instances(
-        columns=[
-            "SOPInstanceUID",
-            "PatientID",
-            "Modality",
-            "volume_path",
-            "volume_index",
-        ]
-    ).to_pandas()
-    rows = rows[rows["Modality"] == "CT"].reset_index(drop=True)
-    stacks = {
-        p: np.asarray(view.pixel_array(p)[...]) for p in rows["volume_path"].unique()
-    }
-    rows["sphere"] = [
-        bool(stacks[path][index].max() >= SPHERE_HU)
-        for path, index in zip(rows["volume_path"], rows["volume_index"], strict=True)
-    ]
     configs = root / "configs"
     configs.mkdir()
-    rows[["SOPInstanceUID", "sphere"]].to_csv(configs / "labels.csv", index=False)
+    sphere_labels(root / "dataset", configs / "labels.csv")
     (configs / "train.toml").write_text(CONFIG)
+    view = DatasetView.open(root / "dataset")
+    rows = view.instances(columns=["SOPInstanceUID", "PatientID"]).to_pandas()
+    rows = rows.merge(pd.read_csv(configs / "labels.csv"), on="SOPInstanceUID")
     return SimpleNamespace(
         root=root, dataset=root / "dataset", config=configs / "train.toml", rows=rows
     )

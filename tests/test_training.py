@@ -12,7 +12,6 @@ the split by patient, are the same in every test session.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tomllib
 from pathlib import Path
@@ -21,12 +20,11 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from ingest_helpers import ingest_folder
+from ingest_helpers import fixed_deid_key, ingest_folder
 
 from workbench.audit import open_audit_log
 from workbench.dataset.reader import DatasetView
 from workbench.errors import ConfigurationError, DatasetError
-from workbench.home import write_secret_file
 from workbench.inference import run_inference
 from workbench.samples import generate_studies
 from workbench.training import load_config, run_training
@@ -95,17 +93,8 @@ def data(tmp_path_factory):
         columns=SIZE,
         seed=1,
     )
-    key_file = root / "deid.key"
-    write_secret_file(key_file, "5e" * 32 + "\n")
-    saved = os.environ.get("WORKBENCH_DEID_KEY_FILE")
-    os.environ["WORKBENCH_DEID_KEY_FILE"] = str(key_file)
-    try:
+    with fixed_deid_key(root):
         ingest_folder(corpus.root, root / "dataset")
-    finally:
-        if saved is None:
-            os.environ.pop("WORKBENCH_DEID_KEY_FILE", None)
-        else:
-            os.environ["WORKBENCH_DEID_KEY_FILE"] = saved
     view = DatasetView.open(root / "dataset")
     rows = view.instances(
         columns=[
