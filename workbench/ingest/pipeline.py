@@ -1,9 +1,10 @@
 """The ingest driver: query the source, run one Dask task per series, finish up.
 
-:func:`run_ingest` is the whole job. The driver (this process) holds the dataset
-folder's lock, asks the source for its series, skips those already written from the
-same source instances with the same recipe, key and options, and submits the rest
-to Dask: a local cluster of worker processes on 127.0.0.1 by default, or an existing
+:func:`run_ingest` is the whole job. The driver (this process) queries the source
+for its series first, so that a bad source or option creates no output folder.
+It then takes the dataset folder's lock, skips the series already written from the
+same source instances with the same recipe and options, and submits the rest to
+Dask: a local cluster of worker processes on 127.0.0.1 by default, or an existing
 scheduler. At most a few tasks wait per worker thread, so memory stays flat however
 many studies there are. The driver alone writes the audit log (one record per
 Orthanc query, per series fetched, per instance, per dataset write) and, at the end,
