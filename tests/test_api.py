@@ -448,3 +448,276 @@ def test_montage_inverts_and_keeps_colour() -> None:
     shown = inverted.axes[0].images[0].get_array()
     assert np.array_equal(shown, 255 - window.to_grey(grey))
     assert np.array_equal(coloured.axes[0].images[0].get_array(), colour)
+
+
+# Loaders
+
+
+def default_audit_details(purpose: str) -> list[dict[str, Any]]:
+    """Return the details of the workbench audit log's records with ``purpose``."""
+    with open_audit_log() as audit:
+        return [
+            record.details for record in audit.records() if record.purpose == purpose
+        ]
+
+
+def test_to_monai_slices_audited(small_dataset: Path) -> None:
+    purpose = "notebook API to_monai test"
+    ds = wb.open_dataset(small_dataset, purpose=purpose)
+
+    items = ds.to_monai(level="slice", where={"Modality": "CT"})
+
+    assert ds.path == small_dataset.resolve()
+    assert len(items) == CT_SLICES
+    assert tuple(items[0]["image"].shape) == (1, 32, 32)
+    reads = default_audit_details(purpose)
+    assert len(reads) == 1
+    assert reads[0]["version"] == ds.version
+
+
+def test_to_gemma_prompt_and_image(small_dataset: Path) -> None:
+    purpose = "notebook API to_gemma test"
+    ds = wb.open_dataset(small_dataset, purpose=purpose)
+
+    examples = ds.to_gemma(prompt_template="Modality: {Modality}", window="lung")
+
+    assert sorted(example.prompt for example in examples) == [
+        "Modality: CT",
+        "Modality: MR",
+    ]
+    ct = next(example for example in examples if example.prompt.endswith("CT"))
+    assert ct.slice_indices == [CT_SLICES // 2]
+    assert ct.images[0].size == (32, 32)
+    assert default_audit_details(purpose)[0]["examples"] == 2
+
+
+# Jobs: requests rejected before a job starts
+
+
+@pytest.fixture
+def sphere_config(tmp_path: Path) -> Path:
+    config = tmp_path / "config" / "sphere.toml"
+    config.parent.mkdir()
+    config.write_text(
+        '[data]\nlabel_column = "sphere"\n\n[model]\nname = "DenseNet121"\n'
+    )
+    return config
+
+
+def test_train_rejects_out_inside_dataset(
+    ds: wb.AuditedDataset, sphere_config: Path
+) -> None:
+    before = sorted(ds.path.rglob("*"))
+
+    with pytest.raises(DatasetError, match="lies inside dataset"):
+        wb.train(ds, sphere_config, ds.path / "run")
+
+    assert sorted(ds.path.rglob("*")) == before
+
+
+def test_train_rejects_unknown_isolation(
+    ds: wb.AuditedDataset, sphere_config: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError, match="'namespaces', 'weak', 'none'"):
+        wb.train(ds, sphere_config, tmp_path / "run", isolation="off")
+
+    assert not (tmp_path / "run").exists()
+
+
+def test_jobs_need_purpose_and_dataset(
+    small_dataset: Path, sphere_config: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError, match="needs a purpose"):
+        wb.train(small_dataset, sphere_config, tmp_path / "run")
+    with pytest.raises(DatasetError):
+        wb.infer(tmp_path, tmp_path, tmp_path / "out", purpose=PURPOSE)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_missing_config(ds: wb.AuditedDataset, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"missing\.toml does not exist"):
+        wb.train(ds, tmp_path / "missing.toml", tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [{}, {"target_column": "Modality", "reports": "reports.csv"}],
+)
+def test_finetune_needs_one_target(
+    ds: wb.AuditedDataset, tmp_path: Path, targets: dict[str, str]
+) -> None:
+    with pytest.raises(ConfigurationError, match="exactly one target"):
+        wb.finetune_gemma(ds, "tiny", tmp_path / "lora", prompt="?", **targets)
+
+
+def test_gemma_infer_rejects_hub_name(ds: wb.AuditedDataset, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="is not a folder"):
+        wb.gemma_infer(ds, "google/gemma-3n-E2B-it", "?", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# Result pictures
+
+
+def test_plot_loss_training_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "epoch,train_loss,val_loss,val_metric\n1,0.9,1.0,0.5\n2,0.6,0.7,0.8\n"
+        "3,0.4,0.8,0.75\n"
+    )
+    (run / "run.json").write_text(json.dumps({"metric": "roc_auc"}))
+
+    figure = wb.plot_loss(run)
+
+    losses, scores = figure.axes
+    assert list(losses.lines[0].get_ydata()) == [0.9, 0.6, 0.4]
+    assert list(losses.lines[1].get_ydata()) == [1.0, 0.7, 0.8]
+    assert list(scores.lines[0].get_ydata()) == [0.5, 0.8, 0.75]
+    assert list(scores.lines[1].get_xdata()) == [2]
+    assert scores.get_title() == "validation roc_auc"
+    assert scores.get_legend().get_texts()[0].get_text() == "best: 0.800 at epoch 2"
+
+
+def test_plot_loss_finetune_and_missing(tmp_path: Path) -> None:
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    steps = "\n".join(f"{step},{10 - step},4,0.1" for step in range(1, 11))
+    (lora / "loss.csv").write_text(f"step,loss,examples,seconds\n{steps}\n")
+
+    figure = wb.plot_loss(lora)
+
+    raw, smoothed = figure.axes[0].lines
+    assert list(raw.get_ydata()) == [float(10 - step) for step in range(1, 11)]
+    assert smoothed.get_label() == "mean of 1 steps"
+    with pytest.raises(ConfigurationError, match=r"neither metrics\.csv"):
+        wb.plot_loss(tmp_path)
+
+
+def uid_table(**columns: list[Any]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(columns)
+
+
+def test_confusion_matrix_counts(tmp_path: Path) -> None:
+    predictions = uid_table(
+        SOPInstanceUID=["2.25.1", "2.25.2", "2.25.3", "2.25.4", "2.25.5"],
+        SeriesInstanceUID=["2.25.9"] * 5,
+        predicted_label=[True, True, False, False, True],
+    )
+    labels = tmp_path / "labels.csv"
+    # 2.25.5 has no label and 2.25.6 no prediction: both are left out.
+    labels.write_text(
+        "SOPInstanceUID,sphere\n2.25.1,True\n2.25.2,False\n2.25.3,False\n"
+        "2.25.4,True\n2.25.6,True\n"
+    )
+
+    matrix = wb.confusion_matrix(predictions, labels)
+
+    assert matrix.index.name == "true sphere"
+    assert matrix.columns.name == "predicted sphere"
+    assert matrix.loc[True, True] == 1
+    assert matrix.loc[True, False] == 1
+    assert matrix.loc[False, True] == 1
+    assert matrix.loc[False, False] == 1
+    figure = wb.plot_confusion_matrix(matrix, title="invented")
+    axes = figure.axes[0]
+    assert axes.get_title() == "invented\naccuracy 0.500 of 4 items"
+    assert [text.get_text() for text in axes.texts] == ["1", "1", "1", "1"]
+
+
+def test_confusion_matrix_series_key_and_classes() -> None:
+    predictions = uid_table(
+        SeriesInstanceUID=["2.25.1", "2.25.2", "2.25.3"],
+        predicted_label=["CT", "MR", "PT"],
+    )
+    labels = uid_table(
+        SeriesInstanceUID=["2.25.1", "2.25.2", "2.25.3"], kind=["CT"] * 3
+    )
+
+    matrix = wb.confusion_matrix(predictions, labels)
+
+    assert list(matrix.index) == ["CT", "MR", "PT"]
+    assert list(matrix.columns) == ["CT", "MR", "PT"]
+    assert matrix.to_numpy().tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 0]]
+
+
+def test_confusion_matrix_rejects_bad_tables() -> None:
+    predictions = uid_table(SOPInstanceUID=["2.25.1"], predicted_label=[True])
+    two_columns = uid_table(SOPInstanceUID=["2.25.1"], a=[True], b=[False])
+    other_uids = uid_table(SOPInstanceUID=["2.25.7"], sphere=[True])
+
+    with pytest.raises(ConfigurationError, match="pass label_column"):
+        wb.confusion_matrix(predictions, two_columns)
+    with pytest.raises(ConfigurationError, match="do not overlap"):
+        wb.confusion_matrix(predictions, other_uids)
+    with pytest.raises(ConfigurationError, match="lack column"):
+        wb.confusion_matrix(predictions, two_columns, label_column="c")
+
+
+def invented_answers(ds: wb.AuditedDataset, text: str) -> Any:
+    """Return a generations table with ``text`` for each stack, as Gemma writes it."""
+    stacks = ds.series
+    return uid_table(
+        SeriesInstanceUID=list(stacks.SeriesInstanceUID),
+        volume_path=list(stacks.volume_path),
+        slice_indices=[[int(count) // 2] for count in stacks.slices],
+        prompt=["Which modality is this?"] * len(stacks),
+        text=[f"{text} {modality}" for modality in stacks.Modality],
+    )
+
+
+def test_show_generations_images_and_answers(ds: wb.AuditedDataset) -> None:
+    before = invented_answers(ds, "noise")
+    after = invented_answers(ds, "surely")
+    uid = stack_uid(ds, "MR")
+    example = ds.to_gemma(prompt_template="", where={"SeriesInstanceUID": uid})[0]
+
+    figure = wb.show_generations(
+        ds, {"before": before, "after": after}, series=[uid, stack_uid(ds, "CT")]
+    )
+
+    image_axes, text_axes = figure.axes[0], figure.axes[1]
+    drawn = image_axes.images[0].get_array()
+    assert np.array_equal(drawn, np.asarray(example.images[0]))
+    assert text_axes.texts[0].get_text() == (
+        "prompt: Which modality is this?\n\nbefore: noise MR\n\nafter: surely MR"
+    )
+    assert figure.axes[3].texts[0].get_text().endswith("after: surely CT")
+    assert len(figure.axes) == 4
+
+
+def test_show_generations_rejects_mismatch(ds: wb.AuditedDataset) -> None:
+    answers = invented_answers(ds, "noise")
+    moved = answers.assign(slice_indices=[[0]] * len(answers))
+
+    with pytest.raises(ConfigurationError, match="the loader now gives slices"):
+        wb.show_generations(ds, moved)
+    with pytest.raises(DatasetError, match=r"no series or stack '2\.25\.1'"):
+        wb.show_generations(ds, answers, series=["2.25.1"])
+    with pytest.raises(ConfigurationError, match="have no row"):
+        wb.show_generations(ds, {"all": answers, "one": answers.head(1)})
+
+
+def test_gemma_infer_without_isolation(ds: wb.AuditedDataset, tmp_path: Path) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = wb.gemma_infer(
+            ds, "tiny", "Which modality is this?", tmp_path / "g", max_new_tokens=4,
+            isolation="none",
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+    assert summary["examples"] == 2
+    with open_audit_log() as audit:
+        start = audit.records(action="job.start")[-1]
+    assert start.details["job"] == "infer-gemma"
+    assert start.details["policy"] == "none"
+    assert start.purpose == PURPOSE
+    figure = wb.show_generations(ds, tmp_path / "g")
+    assert len(figure.axes) == 4

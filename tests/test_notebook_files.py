@@ -20,6 +20,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = {
     "01-explore-dataset.ipynb",
     "02-ingest-from-orthanc.ipynb",
+    "03-train-and-evaluate.ipynb",
+    "04-gemma-on-series.ipynb",
     "06-audit-review.ipynb",
 }
 

@@ -12,13 +12,27 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "audit_log", "ingest", "open_dataset", "verify_audit"]
+__all__ = [
+    "__version__",
+    "audit_log",
+    "confusion_matrix",
+    "finetune_gemma",
+    "gemma_infer",
+    "infer",
+    "ingest",
+    "open_dataset",
+    "plot_confusion_matrix",
+    "plot_loss",
+    "show_generations",
+    "train",
+    "verify_audit",
+]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # The notebook API, imported on first use so that the command line starts without
 # pandas, xarray and the ingest job.
-_NOTEBOOK_API = frozenset({"open_dataset", "ingest", "audit_log", "verify_audit"})
+_NOTEBOOK_API = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> Any:

@@ -13,11 +13,20 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workbench.errors import ConfigurationError
+from workbench.errors import ConfigurationError, DatasetError
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from workbench.isolation import IsolatedResult
+
+__all__ = [
+    "launch_gemma_finetune",
+    "launch_gemma_infer",
+    "launch_infer",
+    "launch_train",
+    "register",
+]
 
 ENTRY = "workbench.jobs.entry"
 POLICIES = {"namespaces": "namespaces", "weak": "weak-in-process-guard"}
@@ -111,85 +120,197 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train in an isolated child and print the summary.
+    """Train in an isolated child and print the summary."""
+    result = launch_train(
+        args.dataset,
+        args.config,
+        args.out,
+        purpose=args.purpose,
+        labels=args.labels,
+        policy=_policy(args),
+    )
+    _print_summary(result.value)
+    return 0
 
-    The config and the labels table are copied into ``--out/inputs``, which the
+
+def run_infer(args: argparse.Namespace) -> int:
+    """Run MONAI or Gemma 3n inference in an isolated child and print the summary."""
+    if args.model is not None:
+        result = launch_infer(
+            args.dataset,
+            args.model,
+            args.out,
+            purpose=args.purpose,
+            checkpoint=args.checkpoint,
+            policy=_policy(args),
+        )
+    else:
+        if not args.prompt:
+            raise ConfigurationError("--gemma needs --prompt, the prompt template")
+        result = launch_gemma_infer(
+            args.dataset,
+            args.gemma,
+            args.prompt,
+            args.out,
+            purpose=args.purpose,
+            adapter=args.adapter,
+            max_new_tokens=args.max_new_tokens,
+            policy=_policy(args),
+        )
+    _print_summary(result.value)
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune Gemma 3n with LoRA in an isolated child and print the summary."""
+    result = launch_gemma_finetune(
+        args.dataset,
+        args.gemma,
+        args.out,
+        purpose=args.purpose,
+        prompt=args.prompt,
+        target_column=args.target_column,
+        reports=args.reports,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        lora_rank=args.lora_rank,
+        seed=args.seed,
+        policy=_policy(args),
+    )
+    _print_summary(result.value)
+    return 0
+
+
+def launch_train(
+    dataset: Path,
+    config: Path,
+    out: Path,
+    *,
+    purpose: str,
+    labels: Path | None = None,
+    policy: str = "namespaces",
+) -> IsolatedResult:
+    """Run ``entry:train`` isolated, as ``workbench train`` and the notebook do.
+
+    The config and the labels table are copied into ``out/inputs``, which the
     job can read; their own folders are not shown to it.
     """
     from workbench.training import load_config
 
-    _check_dataset(args.dataset)
-    config_path = _existing_file(args.config, "--config")
-    config = load_config(config_path)
-    labels = args.labels or config.labels
-    staged = _stage_inputs(args.out, {"config": config_path, "labels": labels})
+    _check_dataset(dataset, out)
+    config_path = _existing_file(Path(config), "--config")
+    settings = load_config(config_path)
+    labels = Path(labels) if labels is not None else settings.labels
+    staged = _stage_inputs(out, {"config": config_path, "labels": labels})
     inputs = []
-    if config.task == "segmentation" and labels is not None:
+    if settings.task == "segmentation" and labels is not None:
         # Mask files sit beside the labels table and are named relative to it.
-        inputs.append(_input_folder(Path(labels).parent, "--labels"))
-        staged["labels"] = str(Path(labels).expanduser().resolve())
+        inputs.append(_input_folder(labels.parent, "--labels"))
+        staged["labels"] = str(labels.expanduser().resolve())
     kwargs = {
         "config": staged["config"],
-        "dataset": str(args.dataset),
-        "out": str(args.out),
-        "purpose": args.purpose,
+        "dataset": str(dataset),
+        "out": str(out),
+        "purpose": purpose,
         "labels": staged.get("labels"),
     }
-    return _run(args, "train", "train", kwargs, inputs)
+    return _launch("train", "train", kwargs, dataset, out, inputs, purpose, policy)
 
 
-def run_infer(args: argparse.Namespace) -> int:
-    """Run MONAI or Gemma 3n inference in an isolated child."""
-    _check_dataset(args.dataset)
-    if args.model is not None:
-        model = _input_folder(args.model, "--model")
-        kwargs = {
-            "dataset": str(args.dataset),
-            "model": str(model),
-            "out": str(args.out),
-            "purpose": args.purpose,
-            "checkpoint": args.checkpoint,
-        }
-        return _run(args, "infer", "infer", kwargs, [model])
-    if not args.prompt:
-        raise ConfigurationError("--gemma needs --prompt, the prompt template")
-    inputs = _gemma_inputs(args.gemma)
-    adapter = None
-    if args.adapter is not None:
-        adapter = _input_folder(args.adapter, "--adapter")
-        inputs.append(adapter)
+def launch_infer(
+    dataset: Path,
+    model: Path,
+    out: Path,
+    *,
+    purpose: str,
+    checkpoint: str = "best",
+    policy: str = "namespaces",
+) -> IsolatedResult:
+    """Run ``entry:infer`` isolated with a trained model folder."""
+    _check_dataset(dataset, out)
+    folder = _input_folder(Path(model), "--model")
     kwargs = {
-        "dataset": str(args.dataset),
-        "gemma": _gemma_spec(args.gemma),
-        "prompt": args.prompt,
-        "out": str(args.out),
-        "purpose": args.purpose,
-        "adapter": str(adapter) if adapter else None,
-        "max_new_tokens": args.max_new_tokens,
+        "dataset": str(dataset),
+        "model": str(folder),
+        "out": str(out),
+        "purpose": purpose,
+        "checkpoint": checkpoint,
     }
-    return _run(args, "gemma_infer", "infer-gemma", kwargs, inputs)
+    return _launch("infer", "infer", kwargs, dataset, out, [folder], purpose, policy)
 
 
-def run_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune Gemma 3n with LoRA in an isolated child."""
-    _check_dataset(args.dataset)
-    inputs = _gemma_inputs(args.gemma)
-    staged = _stage_inputs(args.out, {"reports": args.reports})
-    reports = staged.get("reports")
+def launch_gemma_infer(
+    dataset: Path,
+    gemma: str,
+    prompt: str,
+    out: Path,
+    *,
+    purpose: str,
+    adapter: Path | None = None,
+    max_new_tokens: int = 32,
+    slices: int = 1,
+    window: str | list[float] = "auto",
+    policy: str = "namespaces",
+) -> IsolatedResult:
+    """Run ``entry:gemma_infer`` isolated; ``gemma`` is ``tiny`` or a folder."""
+    _check_dataset(dataset, out)
+    inputs = _gemma_inputs(str(gemma))
+    adapter_folder = None
+    if adapter is not None:
+        adapter_folder = _input_folder(Path(adapter), "--adapter")
+        inputs.append(adapter_folder)
     kwargs = {
-        "dataset": str(args.dataset),
-        "gemma": _gemma_spec(args.gemma),
-        "out": str(args.out),
-        "purpose": args.purpose,
-        "prompt": args.prompt,
-        "target_column": args.target_column,
-        "reports": reports,
-        "steps": args.steps,
-        "learning_rate": args.learning_rate,
-        "lora_rank": args.lora_rank,
-        "seed": args.seed,
+        "dataset": str(dataset),
+        "gemma": _gemma_spec(str(gemma)),
+        "prompt": prompt,
+        "out": str(out),
+        "purpose": purpose,
+        "adapter": str(adapter_folder) if adapter_folder else None,
+        "max_new_tokens": max_new_tokens,
+        "slices": slices,
+        "window": window,
     }
-    return _run(args, "gemma_finetune", "finetune-gemma", kwargs, inputs)
+    return _launch(
+        "gemma_infer", "infer-gemma", kwargs, dataset, out, inputs, purpose, policy
+    )
+
+
+def launch_gemma_finetune(
+    dataset: Path,
+    gemma: str,
+    out: Path,
+    *,
+    purpose: str,
+    prompt: str,
+    target_column: str | None = None,
+    reports: Path | None = None,
+    steps: int = 100,
+    learning_rate: float = 2e-4,
+    lora_rank: int = 8,
+    seed: int = 0,
+    policy: str = "namespaces",
+) -> IsolatedResult:
+    """Run ``entry:gemma_finetune`` isolated; the reports table goes to inputs."""
+    _check_dataset(dataset, out)
+    inputs = _gemma_inputs(str(gemma))
+    staged = _stage_inputs(out, {"reports": reports})
+    kwargs = {
+        "dataset": str(dataset),
+        "gemma": _gemma_spec(str(gemma)),
+        "out": str(out),
+        "purpose": purpose,
+        "prompt": prompt,
+        "target_column": target_column,
+        "reports": staged.get("reports"),
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "lora_rank": lora_rank,
+        "seed": seed,
+    }
+    return _launch(
+        "gemma_finetune", "finetune-gemma", kwargs, dataset, out, inputs, purpose,
+        policy,
+    )  # fmt: skip
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -216,35 +337,50 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run(
-    args: argparse.Namespace,
+def _policy(args: argparse.Namespace) -> str:
+    return "none" if args.no_isolation else POLICIES[args.isolation]
+
+
+def _print_summary(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _launch(
     function: str,
     job: str,
     kwargs: dict[str, Any],
+    dataset: Path,
+    out: Path,
     inputs: list[Path],
-) -> int:
+    purpose: str,
+    policy: str,
+) -> IsolatedResult:
     from workbench.isolation import run_isolated
 
-    policy = "none" if args.no_isolation else POLICIES[args.isolation]
-    result = run_isolated(
+    return run_isolated(
         f"{ENTRY}:{function}",
         kwargs,
-        datasets=[args.dataset],
-        outputs=[args.out],
+        datasets=[dataset],
+        outputs=[out],
         inputs=inputs,
-        purpose=args.purpose,
+        purpose=purpose,
         job=job,
         policy=policy,
     )
-    print(json.dumps(result.value, indent=2, sort_keys=True, default=str))
-    return 0
 
 
-def _check_dataset(path: Path) -> None:
-    """Refuse a folder that is not a de-identified dataset before writing anything."""
+def _check_dataset(path: Path, out: Path) -> None:
+    """Refuse a folder that is not a de-identified dataset, or an output inside it,
+    before anything is copied into the output folder."""
     from workbench.dataset.reader import DatasetView
 
-    DatasetView.open(path)
+    root = DatasetView.open(path).root
+    folder = Path(out).expanduser().resolve()
+    if folder == root or folder.is_relative_to(root):
+        raise DatasetError(
+            f"output folder {folder} lies inside dataset {root}, which jobs may only"
+            " read; choose an output folder outside every dataset"
+        )
 
 
 def _stage_inputs(out: Path, files: dict[str, Path | None]) -> dict[str, str]:

@@ -15,6 +15,8 @@ volume path, the SQL text), never a pixel or cell value::
     ds.volume(uid)                    # xarray.DataArray in mm coordinates
     ds.show(uid, window="lung")       # montage of windowed slices
     ds.viewer(uid)                    # slider over the slices
+    ds.to_monai(level="slice")        # MONAI dataset (workbench.loaders)
+    ds.to_gemma(prompt_template="Modality: {Modality}.")  # Gemma 3n examples
 """
 
 from __future__ import annotations
@@ -135,6 +137,11 @@ class AuditedDataset:
     def manifest(self) -> dict[str, Any]:
         """The manifest: source, de-identification method, counts, last run."""
         return self.view.manifest
+
+    @property
+    def path(self) -> Path:
+        """The dataset folder, as an absolute path."""
+        return self.view.root
 
     # Rows
 
@@ -334,6 +341,42 @@ class AuditedDataset:
         )
         self._record({"read": "viewer", "volume": path, "slices": count})
         return widget
+
+    # Loaders
+
+    def to_monai(self, **kwargs: Any) -> Any:
+        """Return a MONAI dataset of this dataset's volumes or slices.
+
+        Calls :func:`workbench.loaders.monai_dataset` with this dataset's folder
+        and purpose; ``kwargs`` are its other arguments (``level``,
+        ``transforms``, ``labels``, ``label_column``, ``where``, ``cache``...).
+        The loader records its read in the workbench audit log, not in the
+        ``audit_url`` given to :func:`open_dataset`.
+
+        Returns
+        -------
+        monai.data.Dataset
+        """
+        from workbench.loaders import monai_dataset
+
+        return monai_dataset(self.path, purpose=self.purpose, **kwargs)
+
+    def to_gemma(self, **kwargs: Any) -> list[Any]:
+        """Return Gemma 3n examples: windowed images and a prompt per pixel stack.
+
+        Calls :func:`workbench.loaders.gemma_examples` with this dataset's folder
+        and purpose; ``kwargs`` are its other arguments (``prompt_template``,
+        ``target_column``, ``slices``, ``window``, ``where``...). The loader
+        records its read in the workbench audit log, not in the ``audit_url``
+        given to :func:`open_dataset`.
+
+        Returns
+        -------
+        list of workbench.loaders.GemmaExample
+        """
+        from workbench.loaders import gemma_examples
+
+        return list(gemma_examples(self.path, purpose=self.purpose, **kwargs))
 
     # Internals
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from workbench.notebook.windows import Window
 
-__all__ = ["montage", "slice_image_png", "slice_viewer"]
+__all__ = ["montage", "register_png_display", "slice_image_png", "slice_viewer"]
 
 # Width of one montage panel, and of the viewer's image, on screen.
 PANEL_INCHES = 2.0
@@ -111,11 +111,11 @@ def montage(
             ax.set_title(titles[index], fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
-    _register_png_display()
+    register_png_display()
     return figure
 
 
-def _register_png_display() -> None:
+def register_png_display() -> None:
     """Let IPython show figures as PNG even when pyplot was never imported."""
     try:
         from IPython import get_ipython
