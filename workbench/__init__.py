@@ -36,6 +36,10 @@ _NOTEBOOK_API = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> Any:
+    if name == "federation":
+        import importlib
+
+        return importlib.import_module("workbench.federation")
     if name in _NOTEBOOK_API:
         from workbench import notebook
 

@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "workbench.ingest.commands",
     "workbench.jobs.commands",
     "workbench.audit.commands",
+    "workbench.federation.commands",
 )
 
 

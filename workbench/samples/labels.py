@@ -3,7 +3,8 @@
 The synthetic phantom holds a bright sphere (about 700 HU in CT) inside a body of
 about 40 HU; :func:`sphere_labels` marks each CT slice of a dataset that cuts the
 sphere. It reads the de-identified dataset, not the source, so its table is keyed
-by the dataset's new UIDs, ready for ``workbench train --labels``.
+by the dataset's new UIDs, ready for ``workbench train --labels``. The read is
+audit-logged like any other.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from workbench.audit import AuditEvent, open_audit_log
 from workbench.dataset.reader import DatasetView
 
 __all__ = ["SPHERE_THRESHOLD_HU", "sphere_labels"]
@@ -20,8 +22,13 @@ __all__ = ["SPHERE_THRESHOLD_HU", "sphere_labels"]
 SPHERE_THRESHOLD_HU = 370
 
 
-def sphere_labels(dataset: Path | str, out: Path | str) -> int:
-    """Write ``SOPInstanceUID,sphere`` for every CT slice; return the row count."""
+def sphere_labels(
+    dataset: Path | str, out: Path | str, *, purpose: str = "sample labels"
+) -> int:
+    """Write ``SOPInstanceUID,sphere`` for every CT slice; return the row count.
+
+    The read goes to the audit log of the workbench home with ``purpose``.
+    """
     view = DatasetView.open(dataset)
     rows = view.instances(
         columns=["SOPInstanceUID", "Modality", "volume_path", "volume_index"]
@@ -39,4 +46,13 @@ def sphere_labels(dataset: Path | str, out: Path | str) -> int:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows[["SOPInstanceUID", "sphere"]].to_csv(out, index=False)
+    with open_audit_log() as audit:
+        audit.append(
+            AuditEvent(
+                action="dataset.read",
+                resource=f"dataset:{view.name}",
+                purpose=purpose,
+                details={"job": "sphere labels", "slices": len(rows)},
+            )
+        )
     return len(rows)

@@ -1,0 +1,1 @@
+"""The Flower app of the workbench federation: thin ServerApp and ClientApp."""
