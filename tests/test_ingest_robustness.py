@@ -141,6 +141,23 @@ def test_clean_run_exits_zero(tmp_path):
     assert "instances:    1" in result.stdout
 
 
+def test_local_cluster_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
+    """Dask's nanny sets OMP_NUM_THREADS=1 in its process; later jobs must not."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    folder = tmp_path / "input"
+    folder.mkdir()
+    ct_file(folder / "a.dcm")
+    before = dict(os.environ)
+
+    summary = ingest_folder(folder, tmp_path / "out", workers=1)
+
+    assert summary.written == 1
+    assert "OMP_NUM_THREADS" not in os.environ
+    assert os.environ["MKL_NUM_THREADS"] == "3"
+    assert dict(os.environ) == before
+
+
 def test_killed_run_resumes_exactly_once(orthanc, tmp_path):
     corpus = generate_studies(tmp_path / "corpus", patients=4, ct_slices=30)
     with orthanc.client() as client:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import sys
 import time
 import uuid
@@ -472,6 +473,7 @@ def _dask_client(config: IngestConfig) -> Iterator[Any]:
             yield client
         return
     with (
+        _environment_kept(),
         LocalCluster(
             n_workers=config.workers,
             threads_per_worker=1,
@@ -486,6 +488,26 @@ def _dask_client(config: IngestConfig) -> Iterator[Any]:
     ):
         log.info("started a local Dask cluster of %d workers", config.workers)
         yield client
+
+
+@contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Undo what a local Dask cluster sets in this process's environment.
+
+    Dask's nanny sets ``OMP_NUM_THREADS=1`` and its kin in ``os.environ`` of the
+    process that starts the workers and leaves them there, so every process
+    started later (a training job in the same notebook) would run PyTorch on one
+    thread.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        for name, value in saved.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 def _check_scheduler_address(address: str, *, insecure: bool) -> None:
