@@ -173,6 +173,28 @@ def check_gemma(run: NotebookRun, env: dict[str, str]) -> None:
     ]
 
 
+def check_federation(run: NotebookRun, env: dict[str, str]) -> None:
+    folder = Path(env["WORKBENCH_RUNS"]) / "05-federated-simulation"
+    metrics = pd.read_parquet(folder / "simulation" / "result" / "metrics.parquet")
+    train = metrics[metrics.phase == "train"]
+    server = metrics[metrics.phase == "server"].set_index("round")
+
+    assert sorted(set(train.site)) == ["all", "east", "north", "south"]
+    assert sorted(set(train["round"])) == [1, 2, 3]
+    assert list(server.index) == [0, 1, 2, 3]
+    assert (server.num_examples == PATIENTS * CT_SLICES).all()
+    assert server.loc[3, "val_loss"] < server.loc[0, "val_loss"]
+    for site in ("north", "south", "east"):
+        audit = folder / "simulation" / "sites" / site / "audit.sqlite"
+        with open_audit_log(audit) as log:
+            log.verify()
+            rounds = [
+                r.details["round"] for r in log.records(action="federation.train")
+            ]
+        assert rounds == [1, 2, 3]
+    assert "finished:completed" in run.stream_text("stdout")
+
+
 def only_run_folder(env: dict[str, str], notebook: str) -> Path:
     """Return the one run folder (named by dataset version) a notebook wrote."""
     folders = list((Path(env["WORKBENCH_RUNS"]) / notebook).iterdir())
@@ -185,6 +207,7 @@ CHECKS: dict[str, Callable[[NotebookRun, dict[str, str]], None]] = {
     "02-ingest-from-orthanc": check_ingest,
     "03-train-and-evaluate": check_train,
     "04-gemma-on-series": check_gemma,
+    "05-federated-simulation": check_federation,
     "06-audit-review": check_audit,
 }
 

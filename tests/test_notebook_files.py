@@ -22,6 +22,7 @@ EXPECTED = {
     "02-ingest-from-orthanc.ipynb",
     "03-train-and-evaluate.ipynb",
     "04-gemma-on-series.ipynb",
+    "05-federated-simulation.ipynb",
     "06-audit-review.ipynb",
 }
 

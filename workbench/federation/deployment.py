@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,8 @@ ACTIVATION_FAILED = 2004
 # Seconds between two status queries of a running run; each starts a `flwr`
 # process. The run's state file is read every STATE_POLL_S seconds.
 POLL_INTERVAL_S = 10.0
+# Terminal colour and style sequences, which Rich may wrap around `flwr`'s JSON.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 STATE_POLL_S = 0.25
 FINISHED = "finished"
 INSECURE_WARNING = (
@@ -139,10 +142,11 @@ class FlowerControl:
                 f"`flwr {' '.join(arguments[:2])}` did not respond within"
                 f" {timeout:.0f} s"
             ) from exc
+        output = ANSI_ESCAPE.sub("", completed.stdout)
         try:
-            document = json.loads(completed.stdout[completed.stdout.index("{") :])
+            document = json.loads(output[output.index("{") :])
         except ValueError:
-            document = {"success": False, "error-message": completed.stdout.strip()}
+            document = {"success": False, "error-message": output.strip()}
         if completed.returncode != 0 or not document.get("success", False):
             message = document.get("error-message") or completed.stderr.strip()
             raise FlowerProcessError(

@@ -60,9 +60,16 @@ def flower_environment(
     SuperLink and SuperNode start ``flower-superexec``, ``flwr-serverapp`` and
     ``flwr-clientapp`` by name.
     """
-    environment = dict(os.environ)
+    # Flower's commands print JSON through Rich, which colours it when a notebook
+    # kernel's FORCE_COLOR asks for colour; plain text is what gets parsed.
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("FORCE_COLOR", "CLICOLOR_FORCE")
+    }
     environment.update(
         {
+            "NO_COLOR": "1",
             "FLWR_HOME": os.fspath(flwr_home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -144,6 +144,7 @@ def metrics_figure(rows: Sequence[Mapping[str, Any]], metric: str) -> Any:
         rounds, values = series("evaluate", site, "val_metric")
         metric_axes.plot(rounds, values, ":", alpha=0.7, label=f"{metric} ({site})")
     axes.set_xlabel("round")
+    axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_ylabel("loss")
     metric_axes.set_ylabel(f"validation {metric}")
     lines = axes.get_lines() + metric_axes.get_lines()

@@ -78,10 +78,13 @@ class SimulationResult:
         value of the cell.
         """
         from workbench.federation.reports import metrics_figure
+        from workbench.notebook.display import register_png_display
 
         frame = self.metrics.astype(object).where(self.metrics.notna(), None)
         metric = str(self.outcome.state.get("metric") or "metric")
-        return metrics_figure(frame.to_dict("records"), metric)
+        figure = metrics_figure(frame.to_dict("records"), metric)
+        register_png_display()
+        return figure
 
     def audit_log(self, site: str) -> Path:
         """Return the path of the SQLite audit log of ``site``."""
@@ -98,6 +101,7 @@ def simulate(
     out: str | os.PathLike[str] | None = None,
     timeout: float = 3600.0,
     keep_replies: bool = False,
+    validation: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> SimulationResult:
     """Run a federation of local sites and return its results.
 
@@ -120,6 +124,10 @@ def simulate(
         Seconds the run may take.
     keep_replies
         Archive every reply the coordinator receives under ``out/result/replies``.
+    validation
+        A dataset the coordinator evaluates the global model on before round 1
+        and after every round (phase ``server`` in the metrics), given like a
+        site's; ``monai`` federations only.
 
     Returns
     -------
@@ -146,11 +154,12 @@ def simulate(
     )
     root = root.expanduser().resolve()
     accepted = model_hash(settings)
+    held_out = _dataset_entry(validation) if validation is not None else {}
 
     # 1. One folder per site: config, work folder and audit log.
     site_folders: dict[str, Path] = {}
     for name, value in sites.items():
-        entry = dict(value) if isinstance(value, Mapping) else {"dataset": value}
+        entry = _dataset_entry(value)
         folder = root / "sites" / name
         folder.mkdir(parents=True, exist_ok=True)
         labels = entry.get("labels")
@@ -203,6 +212,8 @@ def simulate(
             sites=sorted(site_folders),
             keep_replies=keep_replies,
             initial_weights=str(weights),
+            validation_dataset=_resolved(held_out.get("dataset")),
+            validation_labels=_resolved(held_out.get("labels")),
         )
         outcome = coordinator.wait(run_id, output, timeout)
     finally:
@@ -212,3 +223,18 @@ def simulate(
         coordinator.stop()
     log.info("simulation of %d sites: %s", len(site_folders), outcome.status)
     return SimulationResult(outcome=outcome, output=output, sites=site_folders)
+
+
+def _dataset_entry(value: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``{"dataset": ..., "labels": ...}`` for a folder or such a mapping."""
+    entry = dict(value) if isinstance(value, Mapping) else {"dataset": value}
+    if "dataset" not in entry:
+        raise ConfigurationError(
+            f"a site is a dataset folder or a mapping with a 'dataset' key; got"
+            f" the keys {sorted(entry)}"
+        )
+    return entry
+
+
+def _resolved(path: str | os.PathLike[str] | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path is not None else None
