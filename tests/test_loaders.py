@@ -160,18 +160,19 @@ def test_slice_items_pixels_and_affine(dataset):
 
 
 def test_slice_item_reads_one_chunk(dataset, monkeypatch):
-    from zarr.storage import LocalStore
+    import pathlib
 
     path, _ = dataset
     ds = monai_dataset(path, purpose=PURPOSE, level="slice", where={"Modality": "CT"})
     requested = []
-    original_get = LocalStore.get
+    original_read_bytes = pathlib.Path.read_bytes
 
-    async def recording_get(self, key, *args, **kwargs):
-        requested.append(key)
-        return await original_get(self, key, *args, **kwargs)
+    def recording_read_bytes(self):
+        requested.append(str(self))
+        return original_read_bytes(self)
 
-    monkeypatch.setattr(LocalStore, "get", recording_get)
+    # The loader reads a slice's chunk file directly (workbench.dataset.chunks).
+    monkeypatch.setattr(pathlib.Path, "read_bytes", recording_read_bytes)
     ds[4]
     chunks = [key for key in requested if "/pixels/c/" in key]
     assert len(chunks) == 1

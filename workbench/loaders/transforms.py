@@ -38,6 +38,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from workbench.dataset.chunks import SliceReader
 from workbench.dataset.reader import DatasetView
 from workbench.dataset.store import VOLUMES_STORE
 from workbench.errors import ConfigurationError, DatasetError
@@ -65,6 +66,7 @@ class _OpenStack:
     """The pixel array, affine (LPS) and slice positions of a stack, in one process."""
 
     pixels: Any
+    reader: SliceReader
     affine: np.ndarray
     positions: np.ndarray | None
 
@@ -156,10 +158,10 @@ class LoadZarrd(MapTransform):
                     " column"
                 )
             index = int(index)
-            array = np.asarray(pixels[index])
+            array = stack.reader.slice(index)
             affine = slice_affine(stack.affine, stack.positions, index)
         else:
-            array = np.asarray(pixels[...])
+            array = stack.reader.volume()
             affine = stack.affine
         array = channel_first_xyz(array, colour=pixels.ndim == 4, dtype=self.dtype)
         if self.space == "RAS":
@@ -196,6 +198,7 @@ class LoadZarrd(MapTransform):
             positions = np.asarray(stored[...], dtype=float)
         stack = _OpenStack(
             pixels=pixels,
+            reader=SliceReader(pixels),
             affine=np.eye(4) if affine is None else np.asarray(affine, dtype=float),
             positions=positions,
         )
