@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,12 +57,9 @@ RUN_TIMEOUT_S = 900
 
 @contextlib.contextmanager
 def workbench_home(home: Path):
-    saved = os.environ.get("WORKBENCH_HOME")
-    os.environ["WORKBENCH_HOME"] = str(home)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORKBENCH_HOME", str(home))
         yield home
-    finally:
-        os.environ["WORKBENCH_HOME"] = saved or ""
 
 
 def make_site(root: Path, name: str, seed: int, with_orthanc: bool) -> SimpleNamespace:

@@ -93,12 +93,10 @@ def served(tmp_path_factory):
             seed=40 + index,
         )
         dataset = root / name / "dataset"
-        os.environ["WORKBENCH_HOME"] = str(homes[name])
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("WORKBENCH_HOME", str(homes[name]))
             ingest_folder(corpus.root, dataset)
             sphere_labels(dataset, root / name / "labels.csv", purpose="site labels")
-        finally:
-            os.environ.pop("WORKBENCH_HOME")
         sites[name] = dataset
 
     certs = root / "certs"
