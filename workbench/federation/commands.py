@@ -99,7 +99,9 @@ def register(subparsers: Any) -> None:
     join.add_argument("--federation", help="federation name (default: from --certs)")
     join.add_argument("--dataset-name", help="the federation's name of the dataset")
     join.add_argument(
-        "--state", type=Path, help="site state folder (default: next to certs)"
+        "--state",
+        type=Path,
+        help="site state folder: logs, round folders (default: federation-state/SITE)",
     )
     join.add_argument(
         "--insecure", action="store_true", help="no TLS: local tests only"
@@ -208,7 +210,7 @@ def _join(args: argparse.Namespace) -> int:
             "no --accept-model given: this site rejects every run; each rejection is"
             " audit-logged with the hash the run asked for"
         )
-    state = (args.state or (args.certs or Path(".")) / "state").expanduser().resolve()
+    state = (args.state or Path("federation-state") / args.site).expanduser().resolve()
     site = SiteConfig(
         site=args.site,
         federation=federation,
