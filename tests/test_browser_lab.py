@@ -47,7 +47,7 @@ CHROMIUM_FLAGS = [
     "--disable-quic",
 ]
 START_TIMEOUT_S = 60
-STOP_TIMEOUT_S = 30
+STOP_TIMEOUT_S = 90
 RUN_TIMEOUT_MS = 180_000
 # Status bar text of the kernel that scripts/lab.sh registers, once it is idle.
 KERNEL_IDLE = r"Python 3 \(workbench\) \| Idle"

@@ -680,7 +680,7 @@ def test_interrupt_ends_job_and_its_children(tmp_path):
         assert marker.exists()
 
         runner.send_signal(signal.SIGINT)
-        stdout, _ = runner.communicate(timeout=30)
+        stdout, _ = runner.communicate(timeout=90)
     finally:
         if runner.poll() is None:
             runner.kill()
