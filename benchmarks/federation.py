@@ -3,9 +3,10 @@
 In one run, on one synthetic CT dataset and a DenseNet169 (2D, about 12.5 M
 parameters, the closest MONAI network to 10 M):
 
-- local: :func:`workbench.federation.local_round.train_round` called directly
-  in this process, ``--epochs`` epochs from the same initial weights, once per
-  round; the reference;
+- local: the site's training code (:class:`workbench.federation.local_round.
+  SiteRounds`) called directly in this process, ``--epochs`` epochs a round from
+  the previous round's weights, with the data read once and kept in memory as a
+  local training run keeps it; the reference;
 - federated: one site in a loopback deployment (SuperLink with TLS, SuperNode,
   the site's isolated trainer), the same epochs per round; the round time is
   the coordinator's, from sending the weights to aggregating the reply.
@@ -91,7 +92,7 @@ def main() -> None:
     from ingest_helpers import ingest_folder
 
     from workbench import federation
-    from workbench.federation.local_round import initial_weights, train_round
+    from workbench.federation.local_round import SiteRounds, initial_weights
     from workbench.federation.plan import load_federation_config
     from workbench.federation.weights import save_arrays
     from workbench.home import init_home
@@ -122,13 +123,14 @@ def main() -> None:
         value.size for value in initial_weights(config.training, 0).values()
     )
 
-    # 1. Local: the same job function, in this process, once per round.
+    # 1. Local: the same training code in this process, the data read once.
     weights = root / "local-weights.npz"
     save_arrays(weights, initial_weights(config.training, 0))
+    rounds_here = SiteRounds()
     local = []
     for round_number in range(1, args.rounds + 1):
         started = time.perf_counter()
-        train_round(
+        rounds_here.train(
             training=config.training,
             dataset=str(dataset),
             labels=str(labels),
@@ -155,10 +157,9 @@ def main() -> None:
     federated = [float(v) for v in rounds.seconds]
     bytes_per_round = int(rounds.bytes_sent.iloc[0] + rounds.bytes_received.iloc[0])
 
-    local_mean = statistics.mean(local)
-    # The first federated round also starts the SuperNode's helper processes.
-    steady = federated[1:] or federated
-    federated_mean = statistics.mean(steady)
+    # Both first rounds also read the data; later rounds train from memory.
+    local_mean = statistics.mean(local[1:] or local)
+    federated_mean = statistics.mean(federated[1:] or federated)
     report = {
         "model": args.model,
         "parameters": int(parameters),

@@ -67,7 +67,7 @@ REJOIN_MARGIN_S = 15.0
 ACTIVATION_FAILED = 2004
 # Seconds between two status queries of a running run; each starts a `flwr`
 # process. The run's state file is read every STATE_POLL_S seconds.
-POLL_INTERVAL_S = 10.0
+POLL_INTERVAL_S = 30.0
 # Terminal colour and style sequences, which Rich may wrap around `flwr`'s JSON.
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 STATE_POLL_S = 0.25

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # Seconds between two scans of a process tree for new descendants.
 SCAN_INTERVAL_S = 0.25
 # Seconds between two task polls of flower-superexec.
-SUPEREXEC_POLL_S = 0.1
+SUPEREXEC_POLL_S = 0.5
 # Seconds a process has to end after SIGTERM before it gets SIGKILL.
 TERMINATE_GRACE_S = 5.0
 

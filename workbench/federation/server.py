@@ -51,8 +51,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Seconds between two looks for the replies of a round.
+# Seconds between the first two looks for the replies of a round. The wait grows
+# by REPLY_POLL_GROWTH after each look, up to REPLY_POLL_MAX_S: every look costs the
+# SuperLink a query, and on a small machine that CPU is taken from the training.
 REPLY_POLL_S = 0.2
+REPLY_POLL_GROWTH = 1.5
+REPLY_POLL_MAX_S = 2.0
 # The ServerApp's log, in the run's output folder.
 SERVER_LOG = "server.log"
 
@@ -687,7 +691,7 @@ class ServerEvaluation:
 
 
 class PromptGrid:
-    """The run's grid, collecting replies every ``REPLY_POLL_S`` seconds.
+    """The run's grid, collecting replies at first every ``REPLY_POLL_S`` seconds.
 
     Flower 1.42's grid looks for replies every 3 s, which a round of a few
     seconds would wait for twice (train, then evaluate). Node ids are listed in
@@ -713,13 +717,15 @@ class PromptGrid:
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Any] = []
+        delay = REPLY_POLL_S
         while pending:
             arrived = list(self._grid.pull_messages(pending))
             replies.extend(arrived)
             pending -= {reply.metadata.reply_to_message_id for reply in arrived}
             if not pending or (deadline is not None and time.monotonic() > deadline):
                 break
-            time.sleep(REPLY_POLL_S)
+            time.sleep(delay)
+            delay = min(REPLY_POLL_MAX_S, delay * REPLY_POLL_GROWTH)
         if pending:
             log.warning(
                 "%d of %d sites sent no reply within %.0f s",
