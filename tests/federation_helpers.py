@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ingest_helpers import ingest_folder
+
+from workbench.federation.plan import FederationConfig, load_federation_config
+from workbench.samples import generate_studies
+from workbench.samples.labels import sphere_labels
+
 
 def sphere_classifier(
     *,
@@ -45,3 +55,41 @@ learning_rate = 3e-3
 validation_fraction = {validation_fraction}
 seed = 0
 """
+
+
+def sphere_classifier_config(**settings: Any) -> FederationConfig:
+    """Return a federation of :func:`sphere_classifier` with ``settings`` changed.
+
+    The federation is named ``sphere`` and trains on the sites' dataset ``ct``.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "federation.toml"
+        path.write_text(
+            '[federation]\nname = "sphere"\ndataset = "ct"\n'
+            'purpose = "federation test"\n' + sphere_classifier(),
+            encoding="utf-8",
+        )
+        config = load_federation_config(path)
+    return config.with_overrides(**settings)
+
+
+def labelled_site(folder: Path, seed: int, purpose: str = "site labels") -> dict:
+    """Ingest a small synthetic corpus into ``folder/dataset``; label its CT slices.
+
+    Returns ``{"dataset": ..., "labels": ...}``, a site as ``simulate`` takes it.
+    """
+    corpus = generate_studies(
+        folder / "corpus",
+        patients=3,
+        studies_per_patient=1,
+        ct_slices=6,
+        mr_slices=1,
+        rows=24,
+        columns=24,
+        seed=seed,
+    )
+    dataset = folder / "dataset"
+    ingest_folder(corpus.root, dataset)
+    labels = folder / "labels.csv"
+    sphere_labels(dataset, labels, purpose=purpose)
+    return {"dataset": dataset, "labels": labels}

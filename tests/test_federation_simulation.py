@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from federation_helpers import sphere_classifier
-from ingest_helpers import ingest_folder
+from federation_helpers import labelled_site, sphere_classifier
 
 from workbench import federation
 from workbench.audit import open_audit_log
@@ -18,8 +17,6 @@ from workbench.federation.gemma_round import ADAPTER_NAME_MARKERS
 from workbench.federation.plan import FederationConfig
 from workbench.federation.server import FederationRunError, check_message_size
 from workbench.federation.weights import load_arrays
-from workbench.samples import generate_studies
-from workbench.samples.labels import sphere_labels
 
 MONAI_CONFIG = """
 [federation]
@@ -52,23 +49,10 @@ SEED = 5
 def site_datasets(tmp_path_factory):
     """Three small datasets with sphere labels, and the simulation config."""
     root = tmp_path_factory.mktemp("simulation-data")
-    sites = {}
-    for index, name in enumerate(("a", "b", "c")):
-        corpus = generate_studies(
-            root / name / "corpus",
-            patients=3,
-            studies_per_patient=1,
-            ct_slices=6,
-            mr_slices=1,
-            rows=24,
-            columns=24,
-            seed=20 + index,
-        )
-        dataset = root / name / "dataset"
-        ingest_folder(corpus.root, dataset)
-        labels = root / name / "labels.csv"
-        sphere_labels(dataset, labels, purpose="simulation labels")
-        sites[name] = {"dataset": dataset, "labels": labels}
+    sites = {
+        name: labelled_site(root / name, 20 + index, "simulation labels")
+        for index, name in enumerate(("a", "b", "c"))
+    }
     config = root / "sim.toml"
     config.write_text(MONAI_CONFIG)
     return config, sites

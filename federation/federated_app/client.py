@@ -7,8 +7,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from workbench.federation.client import LOG_FILE_KEY, handle_message
+from workbench.federation.secure_aggregation import secure_aggregation_mod
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 @app.train()

@@ -96,6 +96,11 @@ def register(subparsers: Any) -> None:
         metavar="HASH",
         help="a model hash this site agrees to train (repeatable)",
     )
+    join.add_argument(
+        "--require-secure-aggregation",
+        action="store_true",
+        help="reject runs whose updates are not securely aggregated (SecAgg+)",
+    )
     join.add_argument("--federation", help="federation name (default: from --certs)")
     join.add_argument("--dataset-name", help="the federation's name of the dataset")
     join.add_argument(
@@ -220,6 +225,7 @@ def _join(args: argparse.Namespace) -> int:
         else {},
         accepted_model_hashes=list(args.accept_model),
         work=str(state / "work"),
+        require_secure_aggregation=args.require_secure_aggregation,
     )
     node = SiteNode(
         args.site,

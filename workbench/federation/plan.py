@@ -26,6 +26,10 @@ A federation config is a training config (``[data]``, ``[task]``, ``[model]``,
     clipping_norm = 1.0
     epsilon = 1.0                # per round
     delta = 1e-5
+    secure_aggregation = false   # SecAgg+: the coordinator sees only the sum
+    secagg_clipping_range = 8.0  # bound on each value of a site's update
+    secagg_max_weight = 1000     # bound on a site's example count
+    secagg_reconstruction_threshold = 0.67
 
     [gemma]                      # kind = "gemma-lora" only
     model = "tiny"
@@ -54,6 +58,10 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import ConfigurationError
+from workbench.federation.secure_aggregation import (
+    SecureAggregationOptions,
+    secure_aggregation_enabled,
+)
 
 __all__ = [
     "KINDS",
@@ -67,6 +75,19 @@ __all__ = [
 KINDS = ("monai", "gemma-lora")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PRIVACY_MODES = ("none", "local-dp")
+PRIVACY_KEYS = frozenset(
+    {
+        "mode",
+        "clipping_norm",
+        "epsilon",
+        "delta",
+        "secure_aggregation",
+        "secagg_reconstruction_threshold",
+        "secagg_clipping_range",
+        "secagg_quantization_range",
+        "secagg_max_weight",
+    }
+)
 STRATEGY_OPTIONS = {
     "fedavg": frozenset(),
     "fedprox": frozenset({"proximal_mu"}),
@@ -131,7 +152,8 @@ class FederationConfig:
         Whether sites evaluate the global model after each round.
     privacy
         ``mode`` (``none`` or ``local-dp``), ``clipping_norm``, ``epsilon``,
-        ``delta``.
+        ``delta``; ``secure_aggregation`` and the ``secagg_*`` options of
+        :class:`~workbench.federation.secure_aggregation.SecureAggregationOptions`.
     training
         The training settings as :meth:`TrainingConfig.to_dict` writes them
         (``monai``), or empty.
@@ -196,6 +218,19 @@ class FederationConfig:
                 f"[strategy] has options {sorted(unknown)} that {self.strategy} does"
                 f" not take; it takes {sorted(STRATEGY_OPTIONS[self.strategy])}"
             )
+        unknown_privacy = set(self.privacy) - PRIVACY_KEYS
+        if unknown_privacy:
+            raise ConfigurationError(
+                f"[privacy] has unknown keys {sorted(unknown_privacy)}; expected some"
+                f" of {sorted(PRIVACY_KEYS)}"
+            )
+        if secure_aggregation_enabled(self.privacy):
+            SecureAggregationOptions.from_privacy(self.privacy)
+            if self.min_sites < 2:
+                raise ConfigurationError(
+                    "[privacy] secure_aggregation needs min_sites of at least 2: the"
+                    " sum of one site's update is that update"
+                )
         if self.privacy.get("mode") == "local-dp":
             for key in ("clipping_norm", "epsilon", "delta"):
                 if not float(self.privacy.get(key, 0)) > 0:

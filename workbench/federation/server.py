@@ -30,6 +30,11 @@ from workbench.audit import AuditEvent, AuditLog, open_audit_log
 from workbench.errors import WorkbenchError
 from workbench.federation.plan import FederationConfig, RunPlan
 from workbench.federation.reports import RunRecorder, write_state
+from workbench.federation.secure_aggregation import (
+    SecureAggregationGrid,
+    SecureAggregationOptions,
+    secure_aggregation_enabled,
+)
 from workbench.federation.weights import (
     load_arrays,
     pack,
@@ -101,6 +106,13 @@ def run_server(grid: Any, context: Any) -> None:
         recorder = RunRecorder(out, run_id, _metric_name(plan))
         grid = PromptGrid(grid)
         strategy = build_strategy(plan, grid, recorder, audit, run_id, initial)
+        if secure_aggregation_enabled(config.privacy):
+            grid = SecureAggregationGrid(
+                grid,
+                SecureAggregationOptions.from_privacy(config.privacy),
+                archive=strategy.archive_stage if plan.keep_replies else None,
+            )
+            strategy.secure_grid = grid
         evaluate_fn = None
         if plan.validation_dataset:
             evaluate_fn = resources.enter_context(
@@ -130,6 +142,7 @@ def run_server(grid: Any, context: Any) -> None:
                     "min_sites": config.min_sites,
                     "sites": plan.sites,
                     "privacy": config.privacy.get("mode", "none"),
+                    "secure_aggregation": secure_aggregation_enabled(config.privacy),
                 },
             )
         )
@@ -306,6 +319,8 @@ class _RoundBookkeeping:
         self.round_started = 0.0
         self.site_names: dict[int, str] = {}
         self.total_bytes = {"sent": 0, "received": 0}
+        # Set by run_server when the train rounds go through SecAgg+.
+        self.secure_grid: SecureAggregationGrid | None = None
 
     # Sampling with a deadline
 
@@ -372,6 +387,8 @@ class _RoundBookkeeping:
         self._require_enough(global_round, "train", valid)
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         arrays = self._as_sent(arrays)
+        if self.secure_grid is not None:
+            self.bytes_sent = int(self.secure_grid.traffic["sent"])
         seconds = round(time.monotonic() - self.round_started, 3)
         self.total_bytes["sent"] += self.bytes_sent
         self.total_bytes["received"] += received
@@ -468,12 +485,15 @@ class _RoundBookkeeping:
         for reply in sorted(replies, key=lambda r: (self._site(r), _source(r))):
             site = self._site(reply)
             problem = self._problem(reply, phase)
-            if self.plan.keep_replies:
+            secure = phase == "train" and self.secure_grid is not None
+            if self.plan.keep_replies and not secure:
+                # Under SecAgg+ the grid archived what the sites sent; this reply
+                # holds the aggregate.
                 self._archive(reply, global_round, phase)
             if problem is None:
                 valid.append(reply)
                 if phase == "train":
-                    received += record_bytes(reply.content["arrays"])
+                    received += self._received_bytes(reply)
                 metrics = reply.content["metrics"]
                 self.recorder.add(
                     round=global_round,
@@ -485,7 +505,7 @@ class _RoundBookkeeping:
                     train_loss=_metric(metrics, "train-loss"),
                     val_loss=_metric(metrics, "val-loss"),
                     val_metric=_metric(metrics, "val-metric"),
-                    bytes_received=record_bytes(reply.content["arrays"])
+                    bytes_received=self._received_bytes(reply)
                     if phase == "train"
                     else 0,
                     dp_epsilon_round=_metric(metrics, "dp-epsilon-round"),
@@ -566,6 +586,17 @@ class _RoundBookkeeping:
             bytes_sent_total=self.total_bytes["sent"],
             bytes_received_total=self.total_bytes["received"],
         )
+
+    def _received_bytes(self, reply: Any) -> int:
+        """Return the bytes a site's train reply (or, under SecAgg+, replies) held."""
+        if self.secure_grid is None:
+            return record_bytes(reply.content["arrays"])
+        node = int(reply.metadata.src_node_id)
+        return int(self.secure_grid.traffic["received"].get(node, 0))
+
+    def archive_stage(self, reply: Any, server_round: int, stage: str) -> None:
+        """Archive a reply of one stage of a securely aggregated train round."""
+        self._archive(reply, server_round + self.offset, stage)
 
     def _archive(self, reply: Any, global_round: int, phase: str) -> None:
         """Write the reply as Flower serialises it, for inspection."""

@@ -28,6 +28,7 @@ from typing import Any
 from workbench.audit import AuditEvent, AuditLog, open_audit_log
 from workbench.errors import ConfigurationError, WorkbenchError
 from workbench.federation.plan import RunPlan, model_hash
+from workbench.federation.secure_aggregation import secure_aggregation_enabled
 
 __all__ = ["RunRefusedError", "SiteConfig", "admit", "record_round"]
 
@@ -61,6 +62,8 @@ class SiteConfig:
     isolation
         Isolation policy of the training jobs (``namespaces`` unless a machine
         cannot create namespaces).
+    require_secure_aggregation
+        Whether the site rejects runs whose updates are not securely aggregated.
     """
 
     site: str
@@ -70,6 +73,7 @@ class SiteConfig:
     labels: dict[str, str] = field(default_factory=dict)
     accepted_model_hashes: list[str] = field(default_factory=list)
     isolation: str = "namespaces"
+    require_secure_aggregation: bool = False
 
     @property
     def trainer_socket(self) -> Path:
@@ -109,8 +113,9 @@ def admit(site: SiteConfig, plan: RunPlan, run_id: int, audit: AuditLog) -> None
     Raises
     ------
     RunRefusedError
-        When the run is for another federation or dataset, or its model hash is
-        not accepted or not reproduced by this site's code.
+        When the run is for another federation or dataset, its model hash is
+        not accepted or not reproduced by this site's code, or the site requires
+        secure aggregation and the run does not use it.
     """
     config = plan.config
     refusal: tuple[str, str] | None = None
@@ -142,6 +147,15 @@ def admit(site: SiteConfig, plan: RunPlan, run_id: int, audit: AuditLog) -> None
                 f" code and the run's settings give {local}; the coordinator and the"
                 " site run different model code",
             )
+    if refusal is None and (
+        site.require_secure_aggregation
+        and not secure_aggregation_enabled(config.privacy)
+    ):
+        refusal = (
+            "secure-aggregation",
+            "this site requires secure aggregation, and the run does not use it;"
+            " set `secure_aggregation = true` in the federation's [privacy] table",
+        )
     if refusal is None:
         return
     reason, message = refusal
