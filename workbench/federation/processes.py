@@ -39,8 +39,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Seconds between two scans of a process tree for new descendants.
-SCAN_INTERVAL_S = 0.25
+# Seconds between two scans of a process tree for new descendants. Flower's
+# helpers live for a run or a message, many seconds; each scan reads the whole
+# process table.
+SCAN_INTERVAL_S = 1.0
 # Seconds between two task polls of flower-superexec.
 SUPEREXEC_POLL_S = 0.5
 # Seconds a process has to end after SIGTERM before it gets SIGKILL.
@@ -291,12 +293,22 @@ class FlowerProcess:
 
         with self._lock:
             roots = list(self._seen)
+        # One pass over the process table, then a walk down from the roots:
+        # psutil's children() would read the whole table once per root.
+        children: dict[int, list[tuple[int, float]]] = {}
+        for process in psutil.process_iter(["ppid", "create_time"]):
+            info = process.info
+            if info["ppid"] is not None and info["create_time"] is not None:
+                children.setdefault(info["ppid"], []).append(
+                    (process.pid, info["create_time"])
+                )
         found: dict[int, float] = {}
-        for pid in roots:
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        found[child.pid] = child.create_time()
+        pending = list(roots)
+        while pending:
+            for child, created in children.get(pending.pop(), []):
+                if child not in found:
+                    found[child] = created
+                    pending.append(child)
         with self._lock:
             for pid, created in found.items():
                 self._seen.setdefault(pid, created)

@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 REPLY_POLL_S = 0.2
 REPLY_POLL_GROWTH = 1.5
 REPLY_POLL_MAX_S = 2.0
+# Share of the previous exchange's duration after which the grid looks for
+# replies every REPLY_POLL_S.
+EXPECTED_SHARE = 0.8
 # The ServerApp's log, in the run's output folder.
 SERVER_LOG = "server.log"
 
@@ -722,16 +725,21 @@ class ServerEvaluation:
 
 
 class PromptGrid:
-    """The run's grid, collecting replies at first every ``REPLY_POLL_S`` seconds.
+    """The run's grid, collecting replies soon after they arrive.
 
     Flower 1.42's grid looks for replies every 3 s, which a round of a few
-    seconds would wait for twice (train, then evaluate). Node ids are listed in
-    the order of the sites' names, so seeded sampling picks the same sites in
-    every run. Everything else is Flower's grid.
+    seconds would wait for twice (train, then evaluate). This grid looks after
+    ``REPLY_POLL_S``, then less and less often, up to every ``REPLY_POLL_MAX_S``.
+    Once an exchange of the same kind has been timed, it looks every
+    ``REPLY_POLL_S`` from ``EXPECTED_SHARE`` of that time on, since replies
+    then arrive at about the same moment each round. Node ids are listed in the
+    order of the sites' names, so seeded sampling picks the same sites in every
+    run. Everything else is Flower's grid.
     """
 
     def __init__(self, grid: Any) -> None:
         self._grid = grid
+        self._last_seconds: dict[str, float] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -745,8 +753,12 @@ class PromptGrid:
         self, messages: Iterable[Any], *, timeout: float | None = None
     ) -> list[Any]:
         """Send ``messages``; return the replies received within ``timeout``."""
+        messages = list(messages)
+        kind = _exchange_kind(messages)
+        started = time.monotonic()
         pending = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else started + timeout
+        expected = self._last_seconds.get(kind)
         replies: list[Any] = []
         delay = REPLY_POLL_S
         while pending:
@@ -755,7 +767,7 @@ class PromptGrid:
             pending -= {reply.metadata.reply_to_message_id for reply in arrived}
             if not pending or (deadline is not None and time.monotonic() > deadline):
                 break
-            time.sleep(delay)
+            time.sleep(_next_wait(delay, time.monotonic() - started, expected))
             delay = min(REPLY_POLL_MAX_S, delay * REPLY_POLL_GROWTH)
         if pending:
             log.warning(
@@ -764,7 +776,37 @@ class PromptGrid:
                 len(pending) + len(replies),
                 timeout or 0,
             )
+        elif messages:
+            self._last_seconds[kind] = time.monotonic() - started
+            log.info(
+                "%d replies (%s) received %.2f s after sending",
+                len(replies),
+                kind,
+                self._last_seconds[kind],
+            )
         return replies
+
+
+def _exchange_kind(messages: list[Any]) -> str:
+    """Return what an exchange is, to compare its duration with earlier ones."""
+    if not messages:
+        return "none"
+    first = messages[0]
+    stage = ""
+    if first.has_content():
+        for record in first.content.config_records.values():
+            stage = str(record.get("stage", stage))
+    return f"{first.metadata.message_type}:{stage}"
+
+
+def _next_wait(delay: float, elapsed: float, expected: float | None) -> float:
+    """Return the seconds to wait before looking for replies again."""
+    if expected is None:
+        return delay
+    soon = EXPECTED_SHARE * expected - elapsed
+    if soon <= 0:
+        return REPLY_POLL_S
+    return max(REPLY_POLL_S, min(delay, soon))
 
 
 def _metric_name(plan: RunPlan) -> str:
