@@ -65,11 +65,23 @@ def test_secure_aggregation_needs_two_sites():
         ({"secagg_clipping_range": 0.0}, "must be positive"),
         ({"secagg_quantization_range": 2**30}, "secagg_quantization_range"),
         ({"secagg_max_wieght": 10}, "unknown keys \\['secagg_max_wieght'\\]"),
+        ({"secure_aggregation": "false"}, "must be true or false, not 'false'"),
+        ({"secagg_max_weight": "100"}, "secagg_max_weight must be a number"),
+        ({"secagg_quantization_range": 2.5}, "must be an integer, not 2.5"),
     ],
 )
 def test_invalid_options_refused(privacy, message):
     with pytest.raises(ConfigurationError, match=message):
         secure_config(privacy=privacy)
+
+
+def test_options_without_secure_aggregation_warned(caplog):
+    config = secure_config(
+        privacy={"secure_aggregation": False, "secagg_max_weight": 10.0}
+    )
+
+    assert config.privacy["secure_aggregation"] is False
+    assert "secure_aggregation is not true" in caplog.text
 
 
 def test_options_read_from_privacy_table():
@@ -348,10 +360,9 @@ def test_each_round_audited_at_sites_and_coordinator(secure_run):
     for site in SITES:
         with open_audit_log(result.audit_log(site)) as audit:
             audit.verify()
-            rounds = [
-                r.details["round"] for r in audit.records(action="federation.train")
-            ]
-        assert rounds == [1, 2]
+            records = list(audit.records(action="federation.train"))
+        assert [r.details["round"] for r in records] == [1, 2]
+        assert all(r.details["secure_aggregation"] for r in records)
     metrics = result.metrics
     totals = metrics[(metrics.phase == "train") & (metrics.site == "all")]
     assert (totals.bytes_sent > 0).all()

@@ -24,6 +24,7 @@ from typing import Any
 from workbench.audit import AuditLog
 from workbench.errors import ConfigurationError
 from workbench.federation.plan import RunPlan
+from workbench.federation.secure_aggregation import secure_aggregation_enabled
 from workbench.federation.site import (
     RunRefusedError,
     SiteConfig,
@@ -199,6 +200,7 @@ def _run_round(
             "rows_read": int(value.get("rows_read", 0)),
             "examples": int(metrics["num-examples"]),
             "seconds": float(value.get("seconds", 0.0)),
+            "secure_aggregation": secure_aggregation_enabled(config.privacy),
         },
     )
     log.info(

@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import tomllib
 from collections.abc import Mapping
@@ -71,6 +72,8 @@ __all__ = [
     "load_federation_config",
     "model_hash",
 ]
+
+log = logging.getLogger(__name__)
 
 KINDS = ("monai", "gemma-lora")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -231,6 +234,11 @@ class FederationConfig:
                     "[privacy] secure_aggregation needs min_sites of at least 2: the"
                     " sum of one site's update is that update"
                 )
+        elif any(key.startswith("secagg_") for key in self.privacy):
+            log.warning(
+                "[privacy] has secagg_* options but secure_aggregation is not true;"
+                " the rounds are not securely aggregated"
+            )
         if self.privacy.get("mode") == "local-dp":
             for key in ("clipping_norm", "epsilon", "delta"):
                 if not float(self.privacy.get(key, 0)) > 0:

@@ -96,12 +96,14 @@ class SecureAggregationOptions:
             When a value is out of its range.
         """
         options = cls(
-            reconstruction_threshold=float(
-                privacy.get("secagg_reconstruction_threshold", 0.67)
+            reconstruction_threshold=_number(
+                privacy, "secagg_reconstruction_threshold", 0.67
             ),
-            clipping_range=float(privacy.get("secagg_clipping_range", 8.0)),
-            quantization_range=int(privacy.get("secagg_quantization_range", 2**22)),
-            max_weight=float(privacy.get("secagg_max_weight", 1000.0)),
+            clipping_range=_number(privacy, "secagg_clipping_range", 8.0),
+            quantization_range=int(
+                _number(privacy, "secagg_quantization_range", 2**22, whole=True)
+            ),
+            max_weight=_number(privacy, "secagg_max_weight", 1000.0),
         )
         if not 0 < options.reconstruction_threshold <= 1:
             raise ConfigurationError(
@@ -121,8 +123,31 @@ class SecureAggregationOptions:
 
 
 def secure_aggregation_enabled(privacy: Mapping[str, Any]) -> bool:
-    """Return whether a federation's ``[privacy]`` table turns SecAgg+ on."""
-    return bool(privacy.get("secure_aggregation", False))
+    """Return whether a federation's ``[privacy]`` table turns SecAgg+ on.
+
+    Raises
+    ------
+    ConfigurationError
+        When ``secure_aggregation`` is not ``true`` or ``false``.
+    """
+    value = privacy.get("secure_aggregation", False)
+    if not isinstance(value, bool):
+        raise ConfigurationError(
+            f"[privacy] secure_aggregation must be true or false, not {value!r}"
+        )
+    return value
+
+
+def _number(
+    privacy: Mapping[str, Any], key: str, default: float, *, whole: bool = False
+) -> float:
+    """Return a numeric ``[privacy]`` value, or raise ConfigurationError."""
+    value = privacy.get(key, default)
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if whole else "a number"
+        raise ConfigurationError(f"[privacy] {key} must be {kind}, not {value!r}")
+    return float(value)
 
 
 class SecureAggregationGrid:

@@ -515,7 +515,7 @@ class _RoundBookkeeping:
                     dp_epsilon_total=_metric(metrics, "dp-epsilon-total"),
                 )
             else:
-                self._failed.append(site)
+                self._failed.append(f"{site} ({problem})")
                 log.warning(
                     "round %d %s: reply of %s dropped: %s",
                     global_round,
