@@ -231,13 +231,15 @@ def test_global_metric_improves_over_round_one(tls_run):
     overall = metrics[(metrics.phase == "evaluate") & (metrics.site == "all")]
     by_round = overall.set_index("round")
     assert list(by_round.index) == [1, 2, 3]
-    assert by_round.loc[3, "val_loss"] < by_round.loc[1, "val_loss"]
     # ROC AUC on the phantom's slices can reach 1.0 in round 1 already, so it
-    # must not fall and must end high, while the loss must fall.
+    # must not fall and must end high.
     assert by_round.loc[3, "val_metric"] >= by_round.loc[1, "val_metric"]
     assert by_round.loc[3, "val_metric"] >= 0.9
+    # The loss must fall on the coordinator's held-out dataset (32 slices); the
+    # sites' validation splits hold 8 slices each, too few for a stable loss.
     server = metrics[metrics.phase == "server"].set_index("round")
-    assert server.loc[3, "val_loss"] < server.loc[0, "val_loss"]
+    assert server.loc[3, "val_loss"] < server.loc[1, "val_loss"]
+    assert server.loc[1, "val_loss"] < server.loc[0, "val_loss"]
 
 
 def test_reports_and_checkpoints_written(tls_run):

@@ -322,14 +322,18 @@ def slice_affine(
 def _meta_tensor(
     array: np.ndarray, affine: np.ndarray, extra: dict[str, Any]
 ) -> MetaTensor:
-    # Metadata contains only tensors and plain Python values: PersistentDataset loads
-    # its cache with torch.load(weights_only=True), which rejects NumPy arrays and
-    # would silently recompute every item.
+    # Metadata holds only plain string keys and tensors or plain Python values:
+    # PersistentDataset loads its cache with torch.load(weights_only=True), which
+    # rejects NumPy arrays, and also MONAI's MetaKeys.AFFINE key in processes where
+    # enum members pickle by name (seen in the full test suite). A rejected item is
+    # silently recomputed every time. Passing the affine in the metadata, not as
+    # an argument, keeps its key a plain string.
     affine_tensor = torch.as_tensor(affine, dtype=torch.float64)
     meta = {
+        "affine": affine_tensor,
         "original_affine": affine_tensor.clone(),
         "spatial_shape": tuple(int(n) for n in array.shape[1:]),
         "original_channel_dim": 0,
         **extra,
     }
-    return MetaTensor(torch.from_numpy(array), affine=affine_tensor, meta=meta)
+    return MetaTensor(torch.from_numpy(array), meta=meta)
