@@ -17,14 +17,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from federation_helpers import sphere_classifier
-from ingest_helpers import ingest_folder
+from federation_helpers import labelled_site, sphere_classifier
 
 from workbench.audit import open_audit_log
 from workbench.federation.processes import free_port
 from workbench.home import init_home
-from workbench.samples import generate_studies
-from workbench.samples.labels import sphere_labels
 
 pytestmark = pytest.mark.slow
 
@@ -82,22 +79,9 @@ def served(tmp_path_factory):
     sites = {}
     for index, name in enumerate(SITES):
         homes[name] = init_home(root / name / "home")
-        corpus = generate_studies(
-            root / name / "corpus",
-            patients=3,
-            studies_per_patient=1,
-            ct_slices=6,
-            mr_slices=1,
-            rows=24,
-            columns=24,
-            seed=40 + index,
-        )
-        dataset = root / name / "dataset"
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("WORKBENCH_HOME", str(homes[name]))
-            ingest_folder(corpus.root, dataset)
-            sphere_labels(dataset, root / name / "labels.csv", purpose="site labels")
-        sites[name] = dataset
+            sites[name] = labelled_site(root / name, 40 + index)["dataset"]
 
     certs = root / "certs"
     subprocess.run(

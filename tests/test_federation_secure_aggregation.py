@@ -166,7 +166,7 @@ def _never_called(message, context):
     raise AssertionError("the site's handler must not run")
 
 
-def test_mod_refuses_a_run_of_another_model_at_setup(tmp_path, monkeypatch):
+def test_mod_rejects_other_model_at_setup(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_AUDIT_URL", f"sqlite:///{tmp_path / 'audit.sqlite'}")
     config = secure_config()
     context = _site_context(tmp_path, config, accepted="sha256:" + "0" * 64)
@@ -202,7 +202,8 @@ def test_mod_answers_setup_with_public_keys_only(tmp_path, monkeypatch):
 
     assert not reply.has_error()
     assert list(reply.content.config_records) == [RECORD_KEY_CONFIGS]
-    assert not reply.content.array_records and not reply.content.metric_records
+    assert not reply.content.array_records
+    assert not reply.content.metric_records
     keys = reply.content.config_records[RECORD_KEY_CONFIGS]
     assert set(keys) == {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}
     assert keys[Key.PUBLIC_KEY_1] != keys[Key.PUBLIC_KEY_2]
@@ -279,7 +280,7 @@ def _site_rounds(result, site, server_round):
 
 
 @pytest.mark.slow
-def test_global_model_is_the_weighted_mean_of_the_updates(secure_run):
+def test_global_model_weighted_mean(secure_run):
     result = secure_run
     assert result.outcome.succeeded, result.outcome.details
     metrics = result.metrics

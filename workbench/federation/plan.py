@@ -26,7 +26,7 @@ A federation config is a training config (``[data]``, ``[task]``, ``[model]``,
     clipping_norm = 1.0
     epsilon = 1.0                # per round
     delta = 1e-5
-    secure_aggregation = false   # SecAgg+: the coordinator sees only the sum
+    secure_aggregation = false   # SecAgg+: the coordinator gets only the sum
     secagg_clipping_range = 8.0  # bound on each value of a site's update
     secagg_max_weight = 1000     # bound on a site's example count
     secagg_reconstruction_threshold = 0.67

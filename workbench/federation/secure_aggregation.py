@@ -17,8 +17,8 @@ API, so this module adapts the two ends and leaves the protocol to Flower:
 
 Sites send updates rather than weights because of that clipping: a round moves a
 weight by far less than the range, where batch-norm statistics can exceed it. With
-two sites both must reply (a missing site's mask could only be removed by
-revealing the other's update); with more, a site may drop after sending its keys
+two sites both must reply, because a missing site's mask could only be removed by
+revealing the other's update. With more, a site may drop after sending its keys
 as long as ``reconstruction_threshold`` of its neighbours remain.
 """
 

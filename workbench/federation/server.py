@@ -490,8 +490,8 @@ class _RoundBookkeeping:
             problem = self._problem(reply, phase)
             secure = phase == "train" and self.secure_grid is not None
             if self.plan.keep_replies and not secure:
-                # Under SecAgg+ the grid archived what the sites sent; this reply
-                # holds the aggregate.
+                # Under SecAgg+ the grid archived what the sites sent, and this
+                # reply contains the aggregate.
                 self._archive(reply, global_round, phase)
             if problem is None:
                 valid.append(reply)

@@ -2,8 +2,8 @@
 
 Flower 1.42's SuperNode requests a message from the SuperLink and, when none is
 waiting, sleeps 3 s, a constant in ``flwr.supernode.start_client_internal``. A
-round's weights therefore wait 1.5 s on average before the site sees them, and a
-securely aggregated round waits so once per stage. This entry point runs the
+round's weights therefore wait 1.5 s on average before the site receives them,
+and a securely aggregated round waits so once per stage. This entry point runs the
 same command with that wait shortened to :data:`IDLE_POLL_S`, and with the 0.5 s
 wait between two looks for the ClientApp's reply (in the SuperNode's memory)
 shortened to :data:`REPLY_POLL_S`. The SuperLink gets one more small request a
